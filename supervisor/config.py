@@ -1,0 +1,395 @@
+"""Configuration: a tree of frozen dataclasses built by one pure function.
+
+``parse_config(mapping)`` turns the YAML mapping into a :class:`Config` or raises
+:class:`ConfigError` carrying one message per problem, each naming its key path
+(``queue.max_retries: must be an integer >= 0, got -1``). Unknown keys are errors.
+``load_config(path)`` reads the file around it. No side effects, no ``sys.exit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def _meta(*, ge: float | None = None, gt: float | None = None, doc: str = "") -> dict[str, Any]:
+    return {"ge": ge, "gt": gt, "doc": doc}
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    """Where the proxy and the supervisor API listen."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=8001, metadata=_meta(ge=0))
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """The api-blast server the proxy forwards to."""
+
+    url: str = "http://127.0.0.1:8000"
+    connect_timeout_s: float = field(default=5.0, metadata=_meta(gt=0))
+    # Node's http server closes idle keep-alive connections after 5 s; reusing one that it is
+    # closing at that instant fails the request. Staying under 5 s avoids the race.
+    keepalive_timeout_s: float = field(default=4.0, metadata=_meta(ge=0))
+    pass_through_timeout_s: float = field(default=120.0, metadata=_meta(gt=0))
+
+
+@dataclass(frozen=True, slots=True)
+class LogSourceConfig:
+    """Where api-blast's console output is read from."""
+
+    type: Literal["file", "command", "journald", "stdin"] = "file"
+    path: str = "/var/log/api-blast/app.log"
+    command: tuple[str, ...] = ()
+    cwd: str | None = None
+    unit: str | None = None
+    # Where to begin reading a file seen for the first time: its current end, or its start.
+    start_at: Literal["end", "start"] = "end"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """Replay of held sends: pacing, timeouts, retries."""
+
+    max_retries: int = field(default=3, metadata=_meta(ge=0))
+    retry_delay_s: float = field(default=5.0, metadata=_meta(ge=0))
+    max_retry_delay_s: float = field(default=300.0, metadata=_meta(ge=0))
+    # Each backoff is multiplied by a random factor in [1 - jitter, 1 + jitter].
+    jitter: float = field(default=0.2, metadata=_meta(ge=0))
+    max_queue_size: int = field(default=100, metadata=_meta(ge=1))
+    processing_timeout_s: float = field(default=30.0, metadata=_meta(gt=0))
+    batch_size: int = field(default=1, metadata=_meta(ge=1))
+    process_interval_s: float = field(default=2.0, metadata=_meta(ge=0))
+    on_unknown: Literal["retry", "fail"] = "retry"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """How session signals are turned into holds."""
+
+    check_interval_s: float = field(default=60.0, metadata=_meta(gt=0))
+    conflict_delay_s: float = field(default=30.0, metadata=_meta(ge=0))
+    connection_timeout_s: float = field(default=120.0, metadata=_meta(gt=0))
+    keepalive_s: float = field(default=45.0, metadata=_meta(gt=0))
+
+
+@dataclass(frozen=True, slots=True)
+class Threshold:
+    """A health band: success rate in percent and queue depth."""
+
+    min_success_rate: float = field(default=80.0, metadata=_meta(ge=0))
+    max_queue: int = field(default=10, metadata=_meta(ge=0))
+
+
+@dataclass(frozen=True, slots=True)
+class MonitoringConfig:
+    """Health thresholds; below the warning band an instance is critical."""
+
+    healthy: Threshold = Threshold(80.0, 10)
+    warning: Threshold = Threshold(60.0, 20)
+    window_s: float = field(default=3600.0, metadata=_meta(gt=0))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Who may have a send journaled."""
+
+    mode: Literal["upstream", "tokens", "none"] = "upstream"
+    # instance id -> accepted access tokens (mode: tokens)
+    tokens: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    cache_ttl_s: float = field(default=300.0, metadata=_meta(ge=0))
+    negative_cache_ttl_s: float = field(default=10.0, metadata=_meta(ge=0))
+    admin_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Bounds on what a client may send."""
+
+    max_body_bytes: int = field(default=1_048_576, metadata=_meta(ge=1))
+    instance_id_pattern: str = r"^[0-9A-Z]{10,20}$"
+
+
+@dataclass(frozen=True, slots=True)
+class GuardedRoute:
+    """A send route whose requests are journaled before they are answered."""
+
+    method: str = "POST"
+    path: str = "/send_message"
+    # Where the instance id is: the query parameter ``instance_id`` or the path segment
+    # ``{instance_id}``.
+    instance_from: Literal["query", "path"] = "query"
+
+
+DEFAULT_GUARDED_ROUTES = (
+    GuardedRoute("POST", "/send_message", "query"),
+    GuardedRoute("POST", "/send-message/{instance_id}", "path"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """Which routes are guarded (everything else passes through)."""
+
+    guarded_routes: tuple[GuardedRoute, ...] = DEFAULT_GUARDED_ROUTES
+    # Headers of a guarded request kept in the journal and replayed with it.
+    replay_headers: tuple[str, ...] = ("content-type", "user-agent", "accept")
+
+
+@dataclass(frozen=True, slots=True)
+class ParserRule:
+    """A console-line pattern an operator adds without a release.
+
+    ``pattern`` is a Python regular expression searched in each record; a named group
+    ``instance_id`` gives the instance, a named group ``code`` the status code.
+    """
+
+    name: str = ""
+    pattern: str = ""
+    event: Literal[
+        "ready", "connecting", "conflict", "disconnected", "restart_required",
+        "logged_out", "qr", "upstream_started",
+    ] = "disconnected"
+    code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ParserConfig:
+    """Extra parser rules, tried before the built-in ones."""
+
+    rules: tuple[ParserRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration."""
+
+    listen: ListenConfig = ListenConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    state_dir: str = "/var/lib/blast-supervisor"
+    log_source: LogSourceConfig = LogSourceConfig()
+    queue: QueueConfig = QueueConfig()
+    session: SessionConfig = SessionConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
+    auth: AuthConfig = AuthConfig()
+    limits: LimitsConfig = LimitsConfig()
+    proxy: ProxyConfig = ProxyConfig()
+    parser: ParserConfig = ParserConfig()
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
+    """Convert one YAML value to ``tp``; append an error naming ``path`` on failure."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, path, errors)
+    if origin is Literal:
+        if value in args:
+            return value
+        errors.append(f"{path}: must be {_type_name(tp)}, got {value!r}")
+        return None
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, errors)
+    if origin is tuple:
+        if not isinstance(value, list):
+            errors.append(f"{path}: must be a list, got {value!r}")
+            return ()
+        return tuple(_convert(v, args[0], f"{path}[{i}]", errors) for i, v in enumerate(value))
+    if origin in (Mapping, dict) or tp is Mapping:
+        if not isinstance(value, dict):
+            errors.append(f"{path}: must be a mapping, got {value!r}")
+            return {}
+        return {str(k): _convert(v, args[1], f"{path}.{k}", errors) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    errors.append(f"{path}: must be {_type_name(tp)}, got {value!r}")
+    return None
+
+
+def _check_bounds(f: dataclasses.Field[Any], value: Any, path: str, errors: list[str]) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    ge, gt = f.metadata.get("ge"), f.metadata.get("gt")
+    kind = "an integer" if isinstance(value, int) else "a number"
+    if ge is not None and value < ge:
+        errors.append(f"{path}: must be {kind} >= {ge:g}, got {value!r}")
+    if gt is not None and value <= gt:
+        errors.append(f"{path}: must be {kind} > {gt:g}, got {value!r}")
+
+
+def _build(cls: Any, mapping: Any, path: str, errors: list[str]) -> Any:
+    """Build dataclass ``cls`` from ``mapping``, defaults for missing keys."""
+    where = path or "the top level"
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        errors.append(f"{where}: must be a mapping of keys, got {mapping!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in mapping:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            errors.append(f"{_join(path, str(key))}: unknown key (known keys here: {known})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in mapping:
+            continue
+        key_path = _join(path, name)
+        before = len(errors)
+        value = _convert(mapping[name], hints[name], key_path, errors)
+        if len(errors) == before:
+            _check_bounds(f, value, key_path, errors)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _validate(cfg: Config, errors: list[str]) -> None:
+    """Cross-field and format checks that a type alone cannot express."""
+    up = urlsplit(cfg.upstream.url)
+    if up.scheme not in ("http", "https") or not up.hostname:
+        errors.append(
+            f"upstream.url: must be an http:// or https:// URL such as "
+            f"http://127.0.0.1:8000, got {cfg.upstream.url!r}"
+        )
+    if cfg.queue.batch_size != 1:
+        errors.append(
+            f"queue.batch_size: only 1 is supported (api-blast sends one message per request), "
+            f"got {cfg.queue.batch_size}"
+        )
+    for name in ("instance_id_pattern",):
+        try:
+            re.compile(cfg.limits.instance_id_pattern)
+        except re.error as exc:
+            errors.append(f"limits.{name}: not a valid regular expression: {exc}")
+    src = cfg.log_source
+    if src.type == "command" and not src.command:
+        errors.append(
+            "log_source.command: required when log_source.type is 'command' "
+            '(for example ["node", "app.js"])'
+        )
+    if src.type == "journald" and not src.unit:
+        errors.append("log_source.unit: required when log_source.type is 'journald'")
+    if cfg.auth.mode == "none" and not _is_loopback(cfg.listen.host):
+        errors.append(
+            f"auth.mode: 'none' is only allowed when listen.host is a loopback address "
+            f"(127.0.0.1, ::1, localhost), got listen.host {cfg.listen.host!r}; "
+            f"use mode 'upstream' or 'tokens'"
+        )
+    if cfg.auth.mode == "tokens" and not cfg.auth.tokens:
+        errors.append("auth.tokens: must list at least one instance when auth.mode is 'tokens'")
+    if cfg.monitoring.warning.min_success_rate > cfg.monitoring.healthy.min_success_rate:
+        errors.append(
+            "monitoring.warning.min_success_rate: must not be above "
+            "monitoring.healthy.min_success_rate"
+        )
+    seen: set[tuple[str, str]] = set()
+    for i, route in enumerate(cfg.proxy.guarded_routes):
+        where = f"proxy.guarded_routes[{i}]"
+        if not route.path.startswith("/"):
+            errors.append(f"{where}.path: must start with '/', got {route.path!r}")
+        if route.instance_from == "path" and "{instance_id}" not in route.path:
+            errors.append(
+                f"{where}.path: must contain {{instance_id}} when instance_from is 'path'")
+        if (route.method.upper(), route.path) in seen:
+            errors.append(f"{where}: listed twice")
+        seen.add((route.method.upper(), route.path))
+    for i, rule in enumerate(cfg.parser.rules):
+        where = f"parser.rules[{i}]"
+        if not rule.name:
+            errors.append(f"{where}.name: required")
+        try:
+            re.compile(rule.pattern)
+        except re.error as exc:
+            errors.append(f"{where}.pattern: not a valid regular expression: {exc}")
+        if not rule.pattern:
+            errors.append(f"{where}.pattern: required")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_config(mapping: Any) -> Config:
+    """Build a :class:`Config` from a parsed YAML mapping (``None`` means all defaults)."""
+    errors: list[str] = []
+    cfg: Config = _build(Config, mapping, "", errors)
+    if not errors:
+        _validate(cfg, errors)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and parse a YAML file; every failure becomes a :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read the configuration file: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{p}: not valid YAML{where}: {problem}"]) from exc
+    return parse_config(data)

@@ -1,0 +1,323 @@
+"""Replay of journaled sends: per instance, oldest first, one in flight, paced, retried.
+
+Each instance has a :class:`Lane`. A lane's worker sleeps until something can change its
+decision (a new message, a session event, the end of a hold, a backoff or a pacing slot) and is
+woken at once by a ready event: there is no polling interval between "ready" and the first
+replayed send. The request handler may also send a message itself ("inline") when the lane is
+idle and the session allows it; both paths share :meth:`Replayer.finish`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+from .clock import Clock
+from .config import QueueConfig
+from .journal import Journal, JournalError, MessageRow, MessageState, Progress
+from .outcome import Outcome, OutcomeKind
+from .sessions import GateAction, Sessions
+from .upstream import SendResult
+
+log = logging.getLogger(__name__)
+
+
+def next_delay_s(failures: int, cfg: QueueConfig, rand: float) -> float:
+    """Backoff after the ``failures``-th failure: ``retry_delay_s × 2^(n-1)``, capped, jittered.
+
+    ``rand`` in [0, 1) picks the jitter: the delay is multiplied by a factor in
+    ``[1 - jitter, 1 + jitter]``.
+    """
+    n = max(1, failures)
+    base = min(cfg.max_retry_delay_s, cfg.retry_delay_s * 2.0 ** min(n - 1, 30))
+    return max(0.0, base * (1.0 + cfg.jitter * (2.0 * rand - 1.0)))
+
+
+@dataclass(slots=True)
+class Item:
+    """A journaled send waiting in a lane (its body stays in the journal)."""
+
+    seq: int
+    id: str
+    next_at: float  # monotonic seconds: not before (backoff)
+    attempts: int = 0
+    failures: int = 0
+    unknown_count: int = 0
+    state: MessageState = MessageState.QUEUED
+
+    def __lt__(self, other: Item) -> bool:
+        return self.seq < other.seq
+
+
+@dataclass(slots=True)
+class Lane:
+    """One instance's queue."""
+
+    instance_id: str
+    items: list[Item] = field(default_factory=list)  # sorted by seq
+    in_flight: str | None = None
+    pending: int = 0  # sends being journaled that will join this lane
+    last_send_at: float = -math.inf  # monotonic time of the last send (pacing)
+    unavailable_streak: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Messages waiting or in flight."""
+        return len(self.items) + (1 if self.in_flight else 0)
+
+
+SendFn = Callable[[MessageRow], Awaitable[SendResult]]
+
+
+class Replayer:
+    """Owns the lanes and every decision about when a send goes out."""
+
+    def __init__(self, cfg: QueueConfig, sessions: Sessions, journal: Journal,
+                 send: SendFn | None,
+                 clock: Clock, rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.sessions = sessions
+        self.journal = journal
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._send = send
+        self.lanes: dict[str, Lane] = {}
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.on_outcome: Callable[[str, Outcome, bool], None] | None = None
+
+    def set_sender(self, send: SendFn) -> None:
+        """The function that performs one HTTP attempt."""
+        self._send = send
+
+    def lane(self, instance_id: str) -> Lane:
+        """The lane of ``instance_id``, created (and its worker started) on first use."""
+        lane = self.lanes.get(instance_id)
+        if lane is None:
+            lane = self.lanes[instance_id] = Lane(instance_id)
+            if not self._stopping:
+                lane.task = asyncio.get_running_loop().create_task(
+                    self._run_lane(lane), name=f"replay-{instance_id}")
+        return lane
+
+    # ------------------------------------------------------------------ startup
+
+    def load(self, rows: Iterable[MessageRow]) -> int:
+        """Put journaled active messages back into their lanes (after a restart)."""
+        now_mono, now_wall = self.clock.monotonic(), self.clock.time()
+        n = 0
+        for row in rows:
+            lane = self.lane(row.instance_id)
+            lane.items.append(Item(
+                row.seq, row.id, now_mono + max(0.0, row.next_attempt_at - now_wall),
+                row.attempts, row.failures, row.unknown_count, row.state))
+            n += 1
+        for lane in self.lanes.values():
+            lane.items.sort()
+            lane.wake.set()
+        return n
+
+    # ------------------------------------------------------------------ admission
+
+    def admit(self, instance_id: str) -> tuple[Lane, GateAction | None]:
+        """Decide how a new send enters: ``(lane, SEND|PROBE)`` to send inline now, or
+        ``(lane, None)`` to queue it. Reserves the lane (inline) or a place (queue) at once,
+        before the journal commit, so arrival order is kept."""
+        lane = self.lane(instance_id)
+        now = self.clock.monotonic()
+        if (not self._stopping and lane.in_flight is None and not lane.items
+                and lane.pending == 0 and now >= lane.last_send_at + self.cfg.process_interval_s):
+            gate = self.sessions.gate(instance_id, now)
+            if gate.action is not GateAction.HOLD:
+                lane.in_flight = "(inline)"
+                lane.last_send_at = now
+                return lane, gate.action
+        lane.pending += 1
+        return lane, None
+
+    def queue_full(self, instance_id: str) -> bool:
+        """Whether ``instance_id`` already has ``max_queue_size`` active messages."""
+        lane = self.lanes.get(instance_id)
+        return lane is not None and lane.depth + lane.pending >= self.cfg.max_queue_size
+
+    def abandon(self, lane: Lane, inline: bool) -> None:
+        """Undo :meth:`admit` when the journal refused the row."""
+        if inline:
+            lane.in_flight = None
+            lane.last_send_at = -math.inf
+        else:
+            lane.pending -= 1
+        lane.wake.set()
+
+    def enqueue(self, lane: Lane, seq: int, message_id: str) -> int:
+        """A committed queued message joins its lane; returns its 1-based position."""
+        lane.pending -= 1
+        item = Item(seq, message_id, self.clock.monotonic())
+        bisect.insort(lane.items, item)
+        lane.wake.set()
+        return lane.items.index(item) + 1 + (1 if lane.in_flight else 0)
+
+    def wake(self, instance_ids: Iterable[str]) -> None:
+        """Something about these instances changed: let their workers look again."""
+        for iid in instance_ids:
+            lane = self.lanes.get(iid)
+            if lane is not None:
+                lane.wake.set()
+
+    # ------------------------------------------------------------------ workers
+
+    async def _run_lane(self, lane: Lane) -> None:
+        while not self._stopping:
+            lane.wake.clear()
+            action, timeout = self._next_step(lane)
+            if action is not None:
+                item = lane.items.pop(0)
+                lane.in_flight = item.id
+                lane.last_send_at = self.clock.monotonic()
+                await self._replay_one(lane, item, action is GateAction.PROBE)
+                continue
+            await self.clock.wait(lane.wake, timeout)
+
+    def _next_step(self, lane: Lane) -> tuple[GateAction | None, float | None]:
+        """``(SEND|PROBE, None)`` to send the head now, else ``(None, seconds to sleep)``
+        (``None`` seconds: until woken)."""
+        if lane.in_flight is not None or not lane.items:
+            return None, None
+        now = self.clock.monotonic()
+        gate = self.sessions.gate(lane.instance_id, now)
+        if gate.action is GateAction.HOLD:
+            return None, None if gate.until is None else max(0.001, gate.until - now)
+        ready_at = max(lane.items[0].next_at, lane.last_send_at + self.cfg.process_interval_s)
+        if ready_at > now:
+            return None, ready_at - now
+        return gate.action, None
+
+    async def _replay_one(self, lane: Lane, item: Item, probe: bool) -> None:
+        self._idle.clear()
+        try:
+            row = await self.journal.get(item.id)
+            if row is None or row.state not in (MessageState.QUEUED, MessageState.UNKNOWN,
+                                                MessageState.SENDING):
+                lane.in_flight = None  # cancelled or finished meanwhile
+                return
+            await self.journal.set_state(item.id, MessageState.SENDING, self.clock.time())
+        except JournalError as exc:
+            log.error("journal unavailable, replay of %s postponed: %s", item.id, exc.cause)
+            item.next_at = self.clock.monotonic() + next_delay_s(1, self.cfg, self.rng.random())
+            bisect.insort(lane.items, item)
+            lane.in_flight = None
+            self._settle_idle()
+            return
+        assert self._send is not None
+        result = await self._send(row)
+        await self.finish(lane, item, result.outcome, probe)
+
+    # ------------------------------------------------------------------ outcomes
+
+    async def finish(self, lane: Lane, item: Item, outcome: Outcome, probe: bool) -> Item | None:
+        """Record an attempt's outcome; requeue the item when it is still to be sent.
+
+        Returns the item when it went back to the lane, else None.
+        """
+        now_mono, now_wall = self.clock.monotonic(), self.clock.time()
+        progress, next_at = self.progress(item, outcome, lane, now_wall)
+        if outcome.kind is OutcomeKind.DELIVERED:
+            self.sessions.note_send(lane.instance_id, True, now_mono)
+        elif outcome.kind is OutcomeKind.NOT_READY:
+            self.sessions.note_send(lane.instance_id, False, now_mono)
+        lane.unavailable_streak = (lane.unavailable_streak + 1
+                                   if outcome.kind is OutcomeKind.UNAVAILABLE else 0)
+        try:
+            await self.journal.record(item.id, progress, now_wall)
+        except JournalError as exc:
+            # The row keeps its previous state (``sending``): a restart treats it as unknown.
+            log.error("could not record the outcome of %s: %s", item.id, exc.cause)
+        if self.on_outcome is not None:
+            self.on_outcome(lane.instance_id, outcome, probe)
+        requeued: Item | None = None
+        if progress.state in (MessageState.QUEUED, MessageState.UNKNOWN):
+            item.attempts, item.failures = progress.attempts, progress.failures
+            item.unknown_count, item.state = progress.unknown_count, progress.state
+            item.next_at = next_at
+            bisect.insort(lane.items, item)
+            requeued = item
+        lane.in_flight = None
+        lane.wake.set()
+        self._settle_idle()
+        log.info("send %s for %s: %s%s", item.id, lane.instance_id, outcome.kind.value,
+                 f" ({outcome.detail})" if outcome.detail else "")
+        return requeued
+
+    def progress(self, item: Item, outcome: Outcome, lane: Lane,
+                 now_wall: float) -> tuple[Progress, float]:
+        """The journal fields after ``outcome``, and the monotonic time of the next attempt."""
+        now = self.clock.monotonic()
+        attempts, failures, unknown = item.attempts, item.failures, item.unknown_count
+        kind = outcome.kind
+        if kind is not OutcomeKind.UNAVAILABLE:
+            attempts += 1  # the body reached api-blast
+        if outcome.counts_as_failure:
+            failures += 1
+        if kind is OutcomeKind.UNKNOWN:
+            unknown += 1
+        error = outcome.detail or None
+        state = MessageState.QUEUED
+        next_at = now
+        if kind is OutcomeKind.DELIVERED:
+            state, error = MessageState.DELIVERED, None
+        elif kind is OutcomeKind.PERMANENT:
+            state = MessageState.DEAD
+        elif outcome.counts_as_failure and failures >= max(1, self.cfg.max_retries):
+            state = MessageState.DEAD
+            error = f"{error}; gave up after {failures} failed attempts (queue.max_retries)"
+        elif kind is OutcomeKind.UNKNOWN and self.cfg.on_unknown == "fail":
+            state = MessageState.DEAD
+            error = f"{error}; not retried because queue.on_unknown is 'fail'"
+        elif kind is OutcomeKind.UNKNOWN:
+            state = MessageState.UNKNOWN
+            next_at = now + next_delay_s(failures, self.cfg, self.rng.random())
+        elif kind is OutcomeKind.FAILED:
+            next_at = now + next_delay_s(failures, self.cfg, self.rng.random())
+        elif kind is OutcomeKind.UNAVAILABLE:
+            next_at = now + next_delay_s(lane.unavailable_streak + 1, self.cfg, self.rng.random())
+        # NOT_READY: the session gate holds the lane; no backoff on the message itself.
+        wall_next = now_wall + (next_at - now)
+        return Progress(state, attempts, failures, unknown, wall_next, error,
+                        outcome.message_key_id), next_at
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _settle_idle(self) -> None:
+        if all(lane.in_flight is None for lane in self.lanes.values()):
+            self._idle.set()
+
+    def request_stop(self) -> None:
+        """Stop picking new work; in-flight attempts go on."""
+        self._stopping = True
+        for lane in self.lanes.values():
+            lane.wake.set()
+
+    async def drain(self, deadline_s: float) -> bool:
+        """Wait for in-flight attempts (at most ``deadline_s``); True if none is left."""
+        self._idle.clear()
+        self._settle_idle()
+        finished = await self.clock.wait(self._idle, deadline_s)
+        for lane in self.lanes.values():
+            if lane.task is not None and not lane.task.done():
+                lane.task.cancel()
+        tasks = [lane.task for lane in self.lanes.values() if lane.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return finished
+
+    def queued_total(self) -> int:
+        """Messages waiting or in flight, all instances."""
+        return sum(lane.depth for lane in self.lanes.values())

@@ -1,0 +1,223 @@
+"""Per-instance session state, fed by events and by the answers to sends (SPEC §2).
+
+``unknown → connecting → ready``, ``ready → conflict | disconnected | logged_out``,
+``needs_qr``, and ``stalled`` (not ready for longer than ``connection_timeout_s`` after a drop).
+
+The question the replay asks is :meth:`Sessions.gate`: may a send go out now, is the next send
+a *probe*, or must it wait (and until when)? Time comes from the caller (monotonic seconds),
+so every rule here is testable with plain numbers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from .config import SessionConfig
+from .events import ATTRIBUTION_ID, Event, EventKind
+
+
+class SessionState(StrEnum):
+    """What the supervisor believes about an instance's WhatsApp socket."""
+
+    UNKNOWN = "unknown"  # no signal yet: the next send is the probe
+    CONNECTING = "connecting"  # a socket is being opened
+    READY = "ready"  # open: sends go out
+    CONFLICT = "conflict"  # 440: held for conflict_delay_s, then until ready
+    DISCONNECTED = "disconnected"  # dropped (408, 428, 503, a failed send, ...)
+    LOGGED_OUT = "logged_out"  # 401/403: a new QR scan is needed
+    NEEDS_QR = "needs_qr"  # a QR code waits to be scanned
+    STALLED = "stalled"  # not ready connection_timeout_s after a drop
+
+
+class GateAction(StrEnum):
+    """What the replay may do for an instance now."""
+
+    SEND = "send"  # the session is ready
+    PROBE = "probe"  # no reliable signal: send the oldest message; its answer tells
+    HOLD = "hold"  # wait (until ``until``, or until an event)
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """The answer of :meth:`Sessions.gate`."""
+
+    action: GateAction
+    until: float | None = None  # monotonic time when asking again makes sense
+
+
+@dataclass(slots=True)
+class Session:
+    """One instance's state; mutated only by :class:`Sessions`."""
+
+    instance_id: str
+    state: SessionState = SessionState.UNKNOWN
+    code: int | None = None
+    changed_at: float = 0.0
+    hold_until: float = 0.0  # end of the conflict delay
+    ready_pending: bool = False  # a ready signal arrived during the conflict delay
+    guessed: bool = False  # the hold rests on a guess (an unattributed record, a failed send)
+    probe_at: float = 0.0  # earliest next probe of a guessed hold
+    probe_failures: int = 0
+    dropped_at: float | None = None  # when it last stopped being ready
+    last_event: str | None = None
+    last_event_at: float | None = None
+    conflicts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+
+    def view_state(self, now: float, timeout_s: float) -> SessionState:
+        """The state as shown to people: a long drop shows as ``stalled``."""
+        if (
+            self.state not in (SessionState.READY, SessionState.UNKNOWN)
+            and self.dropped_at is not None
+            and now - self.dropped_at > timeout_s
+        ):
+            return SessionState.STALLED
+        return self.state
+
+
+_DROPS = {
+    EventKind.CONFLICT: SessionState.CONFLICT,
+    EventKind.DISCONNECTED: SessionState.DISCONNECTED,
+    EventKind.RESTART_REQUIRED: SessionState.DISCONNECTED,
+    EventKind.LOGGED_OUT: SessionState.LOGGED_OUT,
+    EventKind.QR: SessionState.NEEDS_QR,
+    EventKind.CONNECTING: SessionState.CONNECTING,
+}
+
+
+class Sessions:
+    """All instances' session state."""
+
+    def __init__(self, cfg: SessionConfig, probe_backoff: Callable[[int], float]) -> None:
+        self.cfg = cfg
+        self._probe_backoff = probe_backoff
+        self._by_id: dict[str, Session] = {}
+
+    def get(self, instance_id: str) -> Session:
+        """The session of ``instance_id`` (created as ``unknown`` on first use)."""
+        s = self._by_id.get(instance_id)
+        if s is None:
+            s = self._by_id[instance_id] = Session(instance_id)
+        return s
+
+    def known(self) -> list[str]:
+        """Every instance seen so far."""
+        return list(self._by_id)
+
+    def __iter__(self) -> Iterable[Session]:
+        return iter(list(self._by_id.values()))
+
+    # ------------------------------------------------------------------ inputs
+
+    def apply(self, event: Event, now: float) -> list[str]:
+        """Apply an attributed event; returns the instances whose gate may have changed."""
+        if event.kind is EventKind.UPSTREAM_STARTED:
+            for s in self._by_id.values():
+                self._set(s, SessionState.UNKNOWN, None, now)
+                s.dropped_at = None
+                s.guessed = False
+                s.ready_pending = False
+                s.hold_until = 0.0
+            return list(self._by_id)
+        if event.instance_id is None:
+            return []
+        s = self.get(event.instance_id)
+        s.last_event = event.kind.value
+        s.last_event_at = now
+        guessed = event.attribution != ATTRIBUTION_ID
+        if event.kind is EventKind.READY:
+            self._on_ready(s, now)
+        elif event.kind is EventKind.CONFLICT:
+            s.conflicts.append(now)
+            s.hold_until = now + self.cfg.conflict_delay_s
+            s.ready_pending = False
+            self._drop(s, SessionState.CONFLICT, event.code, now, guessed)
+        elif self._in_conflict_hold(s, now) and event.kind is not EventKind.LOGGED_OUT:
+            # The close that follows a 440 (connection errored, connection closed, a
+            # reconnect attempt) must not shorten the conflict hold.
+            if event.kind is EventKind.CONNECTING:
+                s.ready_pending = False
+            return [s.instance_id]
+        else:
+            state = _DROPS[event.kind]
+            self._drop(s, state, event.code, now, guessed)
+        return [s.instance_id]
+
+    def note_send(self, instance_id: str, delivered: bool, now: float) -> None:
+        """A send's answer is evidence: delivered means ready, 'not sent' means not ready."""
+        s = self.get(instance_id)
+        if delivered:
+            s.probe_failures = 0
+            if s.state is not SessionState.READY and not self._in_conflict_hold(s, now):
+                self._set(s, SessionState.READY, None, now)
+                s.dropped_at = None
+                s.guessed = False
+            return
+        if s.state in (SessionState.READY, SessionState.UNKNOWN):
+            self._drop(s, SessionState.DISCONNECTED, None, now, guessed=True)
+        s.probe_failures += 1
+        s.probe_at = now + self._probe_backoff(s.probe_failures)
+
+    # ------------------------------------------------------------------ the question
+
+    def gate(self, instance_id: str, now: float) -> Gate:
+        """May a send for ``instance_id`` go out at ``now``?"""
+        s = self.get(instance_id)
+        if s.state is SessionState.READY:
+            return Gate(GateAction.SEND)
+        if s.state is SessionState.UNKNOWN:
+            return Gate(GateAction.PROBE)
+        if s.state is SessionState.CONFLICT:
+            if now < s.hold_until:
+                return Gate(GateAction.HOLD, s.hold_until)
+            if s.ready_pending:
+                self._set(s, SessionState.READY, None, now)
+                s.ready_pending = False
+                s.dropped_at = None
+                s.guessed = False
+                return Gate(GateAction.SEND)
+        if s.guessed:
+            at = max(s.probe_at, s.hold_until)
+            if now >= at:
+                return Gate(GateAction.PROBE)
+            return Gate(GateAction.HOLD, at)
+        return Gate(GateAction.HOLD, None)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _in_conflict_hold(self, s: Session, now: float) -> bool:
+        return s.state is SessionState.CONFLICT and now < s.hold_until
+
+    def _on_ready(self, s: Session, now: float) -> None:
+        s.probe_failures = 0
+        s.probe_at = 0.0
+        if self._in_conflict_hold(s, now):
+            s.ready_pending = True  # counts when the delay ends
+            return
+        self._set(s, SessionState.READY, None, now)
+        s.dropped_at = None
+        s.guessed = False
+        s.ready_pending = False
+
+    def _drop(self, s: Session, state: SessionState, code: int | None, now: float,
+              guessed: bool) -> None:
+        if s.dropped_at is None or s.state in (SessionState.READY, SessionState.UNKNOWN):
+            s.dropped_at = now
+        # An exact signal is never downgraded to a guess by a later guessed record.
+        s.guessed = guessed and (s.guessed or s.state in (SessionState.READY, SessionState.UNKNOWN))
+        if s.guessed and s.probe_at < now:
+            s.probe_at = now + self._probe_backoff(max(1, s.probe_failures))
+        self._set(s, state, code, now)
+
+    @staticmethod
+    def _set(s: Session, state: SessionState, code: int | None, now: float) -> None:
+        if s.state is not state or s.code != code:
+            s.changed_at = now
+        s.state = state
+        s.code = code
+
+    def conflicts_within(self, instance_id: str, window_s: float, now: float) -> int:
+        """How many conflicts ``instance_id`` had in the last ``window_s`` seconds."""
+        return sum(1 for t in self.get(instance_id).conflicts if now - t <= window_s)

@@ -1,0 +1,97 @@
+"""The one HTTP client session to api-blast, and the send attempt built on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .config import UpstreamConfig
+from .outcome import Outcome, OutcomeKind, classify
+
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # api-blast's answers are small; this bounds a bad one
+
+# RFC 9110 §7.6.1 connection-specific headers, never forwarded by a proxy.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """One attempt: how it ended, and api-blast's answer when there was one."""
+
+    outcome: Outcome
+    status: int = 0
+    headers: CIMultiDictProxy[str] | None = None
+    body: bytes = b""
+
+
+class Upstream:
+    """api-blast as seen by the supervisor: one pooled ``aiohttp.ClientSession``."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self.cfg = cfg
+        self.base = cfg.url.rstrip("/")
+        # keepalive_timeout below Node's 5 s keep-alive timeout: a pooled connection is dropped
+        # by us before Node closes it, so a request never lands on a socket Node is closing.
+        connector = aiohttp.TCPConnector(
+            limit=0, keepalive_timeout=cfg.keepalive_timeout_s or None,
+            force_close=cfg.keepalive_timeout_s == 0,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        """Close the client session and its pooled connections."""
+        await self.session.close()
+
+    def url(self, path: str, query: str) -> str:
+        """The upstream URL for a path and a raw (still encoded) query string."""
+        return f"{self.base}{path}?{query}" if query else f"{self.base}{path}"
+
+    async def send(self, method: str, path: str, query: str,
+                   headers: tuple[tuple[str, str], ...], body: bytes,
+                   timeout_s: float) -> SendResult:
+        """Send one journaled request and classify the answer; never raises for network errors."""
+        hdrs = CIMultiDict(headers)
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.cfg.connect_timeout_s)
+        try:
+            async with self.session.request(
+                method, self.url(path, query), headers=hdrs, data=body, timeout=timeout,
+                allow_redirects=False,
+            ) as resp:
+                answer = await resp.content.read(MAX_ANSWER_BYTES)
+                return SendResult(classify(resp.status, answer), resp.status, resp.headers, answer)
+        except aiohttp.ClientConnectorError as exc:
+            # Nothing was written: api-blast is down or not listening.
+            return SendResult(Outcome(OutcomeKind.UNAVAILABLE, f"api-blast unreachable: {exc}"))
+        except aiohttp.ConnectionTimeoutError:
+            return SendResult(Outcome(OutcomeKind.UNAVAILABLE,
+                                      f"connecting to api-blast took over "
+                                      f"{self.cfg.connect_timeout_s:g} s"))
+        except TimeoutError:
+            return SendResult(Outcome(OutcomeKind.UNKNOWN,
+                                      f"no answer from api-blast within {timeout_s:g} s "
+                                      f"after the send was written"))
+        except aiohttp.ClientError as exc:
+            # Disconnected or reset after the request went out: api-blast may have sent it.
+            detail = str(exc) or type(exc).__name__
+            return SendResult(Outcome(OutcomeKind.UNKNOWN,
+                                      f"connection to api-blast lost during the send: {detail}"))
+
+
+def forwardable(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """Request or response headers minus hop-by-hop ones (and those named in Connection)."""
+    named = {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        low = k.lower()
+        if low in HOP_BY_HOP or low in named or low in ("host", "content-length"):
+            continue
+        out.add(k, v)
+    return out
