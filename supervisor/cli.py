@@ -30,6 +30,8 @@ def _setup_logging(verbose: bool = False) -> None:
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt,
                         stream=sys.stderr)
+    # watchfiles logs every change it sees at INFO: one line per api-blast log write.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 def _load(path: str | None) -> Config:

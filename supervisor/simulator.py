@@ -1315,6 +1315,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reconnect-ms",
         type=int,
         default=1500,
+        metavar="MS",
         help="delay before a repeating drop reconnects (default 1500)",
     )
 

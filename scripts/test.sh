@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install everything the tests need, then run the linters and the test suite.
+# Works on a fresh Debian machine (as root it installs missing Debian packages itself).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is required")'
+
+# Debian packages the tests use: node (a real Node upstream).
+need=()
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq "${need[@]}" </dev/null
+  else
+    echo "missing: ${need[*]} (install them, or run this script as root)" >&2
+    exit 1
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip </dev/null
+.venv/bin/python -m pip install -q -e '.[test]' </dev/null
+
+.venv/bin/ruff check supervisor tests bench
+.venv/bin/mypy
+# pytest exits 5 when it collects no test: set -e turns that into a failure too.
+.venv/bin/pytest -p no:cacheprovider "$@"
