@@ -786,6 +786,7 @@ class Simulator:
         self._reconnects: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sent: list[SentRecord] = []
+        self._rejected: list[SentRecord] = []  # sends answered "not sent" (session down)
         self._calls = dict.fromkeys(ROUTES, 0)
         self._stopping = asyncio.Event()
 
@@ -885,6 +886,7 @@ class Simulator:
     def reset_sent(self) -> None:
         """Forget the deliveries recorded so far."""
         self._sent.clear()
+        self._rejected.clear()
 
     async def wait_for_line(
         self, predicate: Callable[[str], bool], timeout_s: float = 5.0, *, after: int = 0
@@ -1053,6 +1055,9 @@ class Simulator:
                 del self._failures[ident]
             return await self._fail_send(request, ident, chat_id, text, plan)
         if self._state[ident] is not SessionState.CONNECTED:
+            # Recorded so that tests can check nobody sends into a session known to be down.
+            self._rejected.append({"instance_id": ident, "chat_id": chat_id, "caption": text,
+                                   "id": "", "t": self._clock.time()})
             return self._not_sent(ident, chat_id, variant=variant)
         return web.json_response(self._deliver(ident, chat_id, text))
 
@@ -1154,8 +1159,9 @@ class Simulator:
         return web.json_response({"ok": True})
 
     async def handle_sim_sent(self, request: web.Request) -> web.Response:
-        """``GET /_sim/sent``: deliveries in order."""
-        return web.json_response({"sent": self._sent})
+        """``GET /_sim/sent``: deliveries in order, and sends refused while the session was
+        down (``rejected``)."""
+        return web.json_response({"sent": self._sent, "rejected": self._rejected})
 
     async def handle_sim_stats(self, request: web.Request) -> web.Response:
         """``GET /_sim/stats``: route call counts and session states."""
