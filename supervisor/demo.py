@@ -34,10 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages", type=int, default=20, help="messages per run (default 20)")
     parser.add_argument("--interval-ms", type=int, default=250,
                         help="pause between two sends (default 250)")
-    parser.add_argument("--drop-every", type=float, default=2.5,
-                        help="seconds between two 440 drops of the session (default 2.5)")
-    parser.add_argument("--reconnect-ms", type=int, default=1500,
-                        help="how long each drop lasts (default 1500)")
+    parser.add_argument("--drop-every", type=int, default=7, metavar="N",
+                        help="a 440 conflict drops the session before every N-th message, "
+                             "in both runs alike (default 7)")
+    parser.add_argument("--reconnect-ms", type=int, default=1000,
+                        help="how long each drop lasts (default 1000)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (logs, journal) for a look")
 
@@ -106,6 +107,17 @@ async def _wait_http(session: aiohttp.ClientSession, url: str, proc: asyncio.sub
     raise RuntimeError(f"{what} did not answer {url} within {timeout_s:g} s; see {log_path}")
 
 
+async def _wait_ready(session: aiohttp.ClientSession, sim_base: str) -> None:
+    """Both runs start on a connected session."""
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        async with session.get(f"{sim_base}/_sim/stats") as resp:
+            if set((await resp.json())["state"].values()) == {"connected"}:
+                return
+        await asyncio.sleep(0.05)
+    raise RuntimeError("the simulated session did not come back within 10 s")
+
+
 def _delivered(doc: Any) -> bool:
     return (isinstance(doc, dict) and isinstance(doc.get("message"), dict)
             and isinstance(doc["message"].get("key"), dict)
@@ -125,10 +137,31 @@ async def _send(session: aiohttp.ClientSession, base: str, i: int) -> tuple[int,
         return resp.status, doc, resp.headers.get("X-Supervisor-Message-Id", "")
 
 
-async def _run_direct(session: aiohttp.ClientSession, base: str, n: int,
-                      interval_s: float) -> list[Result]:
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The scenario both runs follow: message count, pacing, drops."""
+
+    messages: int
+    interval_s: float
+    drop_every: int
+    reconnect_ms: int
+    sim_base: str
+
+    async def maybe_drop(self, session: aiohttp.ClientSession, i: int) -> None:
+        """Drop the session with a 440 before every ``drop_every``-th message."""
+        if self.drop_every > 0 and i % self.drop_every == 3 % self.drop_every:
+            inst = DEFAULT_INSTANCES[0].instance_id
+            async with session.post(f"{self.sim_base}/_sim/drop?instance_id={inst}&code=440"
+                                    f"&reconnect_ms={self.reconnect_ms}") as resp:
+                resp.raise_for_status()
+            _say(f"  -- 440 conflict: the session drops for {self.reconnect_ms} ms")
+
+
+async def _run_direct(session: aiohttp.ClientSession, base: str, plan: Plan) -> list[Result]:
     results = []
+    n, interval_s = plan.messages, plan.interval_s
     for i in range(1, n + 1):
+        await plan.maybe_drop(session, i)
         try:
             _, doc, _ = await _send(session, base, i)
             ok = _delivered(doc)
@@ -142,11 +175,13 @@ async def _run_direct(session: aiohttp.ClientSession, base: str, n: int,
     return results
 
 
-async def _run_supervised(session: aiohttp.ClientSession, base: str, n: int,
-                          interval_s: float) -> list[Result]:
+async def _run_supervised(session: aiohttp.ClientSession, base: str,
+                          plan: Plan) -> list[Result]:
     results: list[Result] = []
     pending: dict[int, str] = {}
+    n, interval_s = plan.messages, plan.interval_s
     for i in range(1, n + 1):
+        await plan.maybe_drop(session, i)
         try:
             status, doc, mid = await _send(session, base, i)
         except aiohttp.ClientError as exc:
@@ -215,18 +250,19 @@ async def run_demo(args: argparse.Namespace) -> int:
         f"upstream: {{url: 'http://127.0.0.1:{sim_port}'}}\n"
         f"state_dir: '{tmp / 'state'}'\n"
         f"log_source: {{type: file, path: '{app_log}', start_at: start}}\n"
-        "queue: {process_interval_s: 0.2, retry_delay_s: 0.5, processing_timeout_s: 5}\n"
-        "session: {conflict_delay_s: 1.0}\n"
+        "queue: {process_interval_s: 0.1, retry_delay_s: 0.5, processing_timeout_s: 5}\n"
+        "session: {conflict_delay_s: 0.5}\n"
         f"auth: {{mode: tokens, tokens: {{{inst.instance_id}: [{inst.access_token}]}}}}\n")
-    interval = args.interval_ms / 1000.0
-    _say(f"blast-supervisor demo: {args.messages} messages, a 440 conflict every "
-         f"{args.drop_every:g} s lasting {args.reconnect_ms} ms (work dir {tmp})")
+    plan = Plan(args.messages, args.interval_ms / 1000.0, args.drop_every, args.reconnect_ms,
+                f"http://127.0.0.1:{sim_port}")
+    _say(f"blast-supervisor demo: {args.messages} messages, {args.interval_ms} ms apart; a 440 "
+         f"conflict before every {args.drop_every}th, lasting {args.reconnect_ms} ms "
+         f"(work dir {tmp})")
     try:
         sim = await children.start(
             "simulate", "--port", str(sim_port), "--log", str(app_log), "--format", "pino",
             "--instance", f"{inst.instance_id}:{inst.access_token}:{inst.jid}",
-            "--drop-every", str(args.drop_every), "--drop-code", "440",
-            "--reconnect-ms", str(args.reconnect_ms), log_path=tmp / "simulator.out")
+            log_path=tmp / "simulator.out")
         sup = await children.start("run", "-c", str(config), log_path=tmp / "supervisor.out")
         async with aiohttp.ClientSession() as session:
             sim_base, sup_base = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{sup_port}"
@@ -234,11 +270,12 @@ async def run_demo(args: argparse.Namespace) -> int:
             await _wait_http(session, f"{sup_base}/supervisor/health", sup, "the supervisor",
                              tmp / "supervisor.out")
             _say("1/2 sending straight to the simulated api-blast")
-            direct = await _run_direct(session, sim_base, args.messages, interval)
+            direct = await _run_direct(session, sim_base, plan)
             async with session.post(f"{sim_base}/_sim/reset_sent") as resp:
                 resp.raise_for_status()
+            await _wait_ready(session, sim_base)
             _say("2/2 sending the same messages through blast-supervisor")
-            supervised = await _run_supervised(session, sup_base, args.messages, interval)
+            supervised = await _run_supervised(session, sup_base, plan)
             async with session.get(f"{sim_base}/_sim/sent") as resp:
                 sent = (await resp.json())["sent"]
         captions = [s["caption"] for s in sent]

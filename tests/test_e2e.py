@@ -66,7 +66,7 @@ def test_conflict_drops_while_sending_lose_and_duplicate_nothing(
     """Two 440 drops while 40 messages flow: each acknowledged message is delivered exactly
     once, in order, and nothing is sent while the session is known to be down."""
     log = tmp_path / "api-blast.log"
-    sim, sim_port = start_simulator(children, tmp_path, log)
+    _sim, sim_port = start_simulator(children, tmp_path, log)
     config, port = supervisor_config(tmp_path, sim_port, log)
     start_supervisor(children, tmp_path, config, port)
 
@@ -108,7 +108,7 @@ def test_message_failing_max_retries_ends_dead_and_is_listed(
     """A send that api-blast keeps failing with HTTP 500 ends 'dead' after max_retries
     attempts, with its last error, and is listed among the dead messages."""
     log = tmp_path / "api-blast.log"
-    sim, sim_port = start_simulator(children, tmp_path, log)
+    _sim, sim_port = start_simulator(children, tmp_path, log)
     config, port = supervisor_config(tmp_path, sim_port, log, queue={"max_retries": 2})
     start_supervisor(children, tmp_path, config, port)
     http("POST", f"http://127.0.0.1:{sim_port}/_sim/fail?instance_id={INSTANCE}"
@@ -132,7 +132,7 @@ def test_sigterm_mid_queue_then_restart_resumes_the_queue(
     """Messages held during a conflict survive a SIGTERM of the daemon: after a restart they
     are delivered, once each, in order."""
     log = tmp_path / "api-blast.log"
-    sim, sim_port = start_simulator(children, tmp_path, log)
+    _sim, sim_port = start_simulator(children, tmp_path, log)
     config, port = supervisor_config(tmp_path, sim_port, log,
                                      session={"conflict_delay_s": 5.0})
     daemon = start_supervisor(children, tmp_path, config, port)
@@ -188,7 +188,7 @@ def test_queue_status_has_the_compatible_shape(tmp_path: Path, children: list[Ch
     """``/queue-status/{id}`` answers the keys operators' tools already read, plus health and
     session; a wrong token is refused."""
     log = tmp_path / "api-blast.log"
-    sim, sim_port = start_simulator(children, tmp_path, log)
+    _sim, sim_port = start_simulator(children, tmp_path, log)
     config, port = supervisor_config(tmp_path, sim_port, log)
     start_supervisor(children, tmp_path, config, port)
     status, headers, doc = send(port, "one")
@@ -213,7 +213,7 @@ def test_bad_sends_are_refused_before_the_journal(tmp_path: Path,
     """A missing or malformed instance id, a wrong token and an oversized body get clear 4xx
     errors, and none of them is journaled."""
     log = tmp_path / "api-blast.log"
-    sim, sim_port = start_simulator(children, tmp_path, log)
+    _sim, sim_port = start_simulator(children, tmp_path, log)
     config, port = supervisor_config(tmp_path, sim_port, log,
                                      limits={"max_body_bytes": 1000})
     start_supervisor(children, tmp_path, config, port)
