@@ -212,3 +212,17 @@ def test_variant_file_exact_signals() -> None:
         ("disconnected", 408, "68B2F20E91A7C"),
         ("disconnected", None, "68B2F20E91A7C"),
     ]
+
+
+def test_real_capture_soak() -> None:
+    """The real capture assembles into bounded records and each Boom dump gives its 408."""
+    lines = _lines("real_apiblast_capture.log")
+    records = _assemble(lines)
+    assert sum(r.text.count("\n") + 1 for r in records) == len(lines)
+    dumps = [r for r in records if "isBoom: true" in r.text]
+    # output.statusCode (4-space indent) appears once per dump.
+    assert len(dumps) == sum(1 for line in lines if line == "    statusCode: 408,")
+    for rec in dumps:
+        event = events.parse(rec.text)
+        assert event is not None
+        assert (event.kind, event.code) == (EventKind.DISCONNECTED, 408), rec.line

@@ -1,0 +1,114 @@
+"""Tests of ``supervisor.outcome.classify``: api-blast's answer to a send, by its body."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from supervisor.outcome import VARIANT_NOT_READY, Outcome, OutcomeKind, classify
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+_MARK = "# HTTP body returned for the call above: "
+
+
+def _delivered_body() -> bytes:
+    """The HTTP body the stock fixture records for a delivered send."""
+    for line in (FIXTURES / "apiblast_stock_console.log").read_text(encoding="utf-8").split("\n"):
+        if line.startswith(_MARK):
+            return line.removeprefix(_MARK).encode()
+    raise AssertionError("no '# HTTP body returned' line in the stock fixture")
+
+
+DELIVERED = _delivered_body()
+QUOTA = "The number of messages you have sent per month has exceeded the maximum limit"
+
+O = OutcomeKind
+
+CASES = [
+    # (HTTP status, body, expected kind, expected message_key_id)
+    pytest.param(200, DELIVERED, O.DELIVERED, "3EB0AEF6AF7BB2529DB8D7", id="delivered"),
+    pytest.param(200, b'{"status":"success"}', O.NOT_READY, None, id="success-without-message"),
+    pytest.param(200, b'{"status":"success","message":null}', O.NOT_READY, None,
+                 id="success-message-null"),
+    pytest.param(200, b'{"status":"error","message":"Instance ID Invalidated"}', O.PERMANENT,
+                 None, id="auth-error"),
+    pytest.param(200, json.dumps({"status": "success", "message": QUOTA}).encode(), O.PERMANENT,
+                 None, id="monthly-quota"),
+    pytest.param(200, json.dumps({"status": "success", "message": VARIANT_NOT_READY,
+                                  "messageId": "msg_1", "queued": True}).encode(),
+                 O.NOT_READY, None, id="variant-queued-not-ready"),
+    pytest.param(200, json.dumps({"status": 0, "message": VARIANT_NOT_READY}).encode(),
+                 O.NOT_READY, None, id="variant-status-0"),
+    pytest.param(500, b'{"status":"success"}', O.FAILED, None, id="http-500"),
+    pytest.param(502, b"<html>Bad Gateway</html>", O.FAILED, None, id="http-502"),
+    pytest.param(503, DELIVERED, O.FAILED, None, id="http-503-even-with-a-key"),
+    pytest.param(200, b"<html>oops</html>", O.FAILED, None, id="non-json"),
+    pytest.param(200, b"", O.FAILED, None, id="empty-body"),
+    pytest.param(200, b"\xff\xfe\x00", O.FAILED, None, id="binary-body"),
+    pytest.param(200, b'[{"status":"success"}]', O.FAILED, None, id="json-array"),
+    pytest.param(200, b'"success"', O.FAILED, None, id="json-string"),
+    pytest.param(200, b'{"status":"success","message":{"key":{}}}', O.FAILED, None,
+                 id="message-without-key-id"),
+    pytest.param(200, b'{"status":"success","message":{"key":{"id":""}}}', O.FAILED, None,
+                 id="empty-key-id"),
+    pytest.param(200, b'{"status":"success","message":{"key":"3EB0"}}', O.FAILED, None,
+                 id="key-not-an-object"),
+    pytest.param(404, b'{"status":"success"}', O.FAILED, None, id="http-404-no-message"),
+    pytest.param(200, b'{"foo":1}', O.FAILED, None, id="no-status"),
+]
+
+
+@pytest.mark.parametrize(("status", "body", "kind", "key_id"), CASES)
+def test_classify(status: int, body: bytes, kind: OutcomeKind, key_id: str | None) -> None:
+    """Each api-blast answer gets its outcome; only a delivered one carries the key id."""
+    outcome = classify(status, body)
+    assert outcome.kind is kind
+    assert outcome.message_key_id == key_id
+
+
+def test_delivered_body_is_the_fixture_one() -> None:
+    """The delivered case uses the real body shape recorded in the stock fixture."""
+    doc = json.loads(DELIVERED)
+    assert doc["status"] == "success"
+    assert doc["message"]["key"]["id"] == "3EB0AEF6AF7BB2529DB8D7"
+    assert classify(200, DELIVERED).detail == ""
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "words"),
+    [
+        (200, b'{"status":"error","message":"Instance ID Invalidated"}',
+         "Instance ID Invalidated"),
+        (502, b"", "502"),
+        (200, b"nope", "non-JSON"),
+    ],
+)
+def test_detail_explains(status: int, body: bytes, words: str) -> None:
+    """A failed outcome's detail says what api-blast answered."""
+    assert words in classify(status, body).detail
+
+
+def test_long_error_message_is_shortened() -> None:
+    """A huge error message is cut in the detail."""
+    body = json.dumps({"status": "error", "message": "x" * 5000}).encode()
+    outcome = classify(200, body)
+    assert outcome.kind is O.PERMANENT
+    assert len(outcome.detail) < 300
+
+
+@pytest.mark.parametrize(
+    ("kind", "counts"),
+    [
+        (O.DELIVERED, False),
+        (O.NOT_READY, False),
+        (O.UNAVAILABLE, False),
+        (O.FAILED, True),
+        (O.UNKNOWN, True),
+        (O.PERMANENT, False),
+    ],
+)
+def test_counts_as_failure(kind: OutcomeKind, counts: bool) -> None:
+    """Only failed and unknown attempts move a message towards ``dead``."""
+    assert Outcome(kind).counts_as_failure is counts
