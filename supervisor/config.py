@@ -30,8 +30,9 @@ class ConfigError(Exception):
         self.errors = errors
 
 
-def _meta(*, ge: float | None = None, gt: float | None = None, doc: str = "") -> dict[str, Any]:
-    return {"ge": ge, "gt": gt, "doc": doc}
+def _meta(*, ge: float | None = None, gt: float | None = None,
+          le: float | None = None) -> dict[str, Any]:
+    return {"ge": ge, "gt": gt, "le": le}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,7 @@ class ListenConfig:
     """Where the proxy and the supervisor API listen."""
 
     host: str = "127.0.0.1"
-    port: int = field(default=8001, metadata=_meta(ge=0))
+    port: int = field(default=8001, metadata=_meta(ge=0, le=65535))
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +76,7 @@ class QueueConfig:
     retry_delay_s: float = field(default=5.0, metadata=_meta(ge=0))
     max_retry_delay_s: float = field(default=300.0, metadata=_meta(ge=0))
     # Each backoff is multiplied by a random factor in [1 - jitter, 1 + jitter].
-    jitter: float = field(default=0.2, metadata=_meta(ge=0))
+    jitter: float = field(default=0.2, metadata=_meta(ge=0, le=1))
     max_queue_size: int = field(default=100, metadata=_meta(ge=1))
     processing_timeout_s: float = field(default=30.0, metadata=_meta(gt=0))
     batch_size: int = field(default=1, metadata=_meta(ge=1))
@@ -255,12 +256,14 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
 def _check_bounds(f: dataclasses.Field[Any], value: Any, path: str, errors: list[str]) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return
-    ge, gt = f.metadata.get("ge"), f.metadata.get("gt")
+    ge, gt, le = f.metadata.get("ge"), f.metadata.get("gt"), f.metadata.get("le")
     kind = "an integer" if isinstance(value, int) else "a number"
     if ge is not None and value < ge:
         errors.append(f"{path}: must be {kind} >= {ge:g}, got {value!r}")
     if gt is not None and value <= gt:
         errors.append(f"{path}: must be {kind} > {gt:g}, got {value!r}")
+    if le is not None and value > le:
+        errors.append(f"{path}: must be {kind} <= {le:g}, got {value!r}")
 
 
 def _build(cls: Any, mapping: Any, path: str, errors: list[str]) -> Any:
@@ -369,8 +372,9 @@ def parse_config(mapping: Any) -> Config:
     """Build a :class:`Config` from a parsed YAML mapping (``None`` means all defaults)."""
     errors: list[str] = []
     cfg: Config = _build(Config, mapping, "", errors)
-    if not errors:
-        _validate(cfg, errors)
+    # Keys with a type error kept their default, so the cross-field checks still make sense;
+    # running them too reports every problem of a file at once.
+    _validate(cfg, errors)
     if errors:
         raise ConfigError(errors)
     return cfg
