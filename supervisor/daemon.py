@@ -60,12 +60,18 @@ class Supervisor:
         self.replayer: Replayer | None = None
         self.proxy: Proxy | None = None
         self.port: int = cfg.listen.port
+        self.crashed: str | None = None  # what failed, when a component loop died
         self._tail_key = f"file:{os.path.abspath(cfg.log_source.path)}"
 
     # ------------------------------------------------------------------ lifecycle
 
     def request_stop(self) -> None:
         """Begin an orderly shutdown (SIGTERM/SIGINT end up here)."""
+        self._stop.set()
+
+    def _component_crashed(self, what: str) -> None:
+        """A loop died: stop, and make the process exit non-zero so systemd restarts it."""
+        self.crashed = what
         self._stop.set()
 
     @property
@@ -95,6 +101,7 @@ class Supervisor:
         self.upstream = Upstream(cfg.upstream)
         self.replayer = replayer = Replayer(cfg.queue, self.sessions, self.journal, self._send,
                                             self.clock)
+        replayer.on_crash = self._component_crashed
         restored = replayer.load(await self.journal.active())
         if restored:
             log.info("restored %d queued sends from the journal", restored)
@@ -263,4 +270,7 @@ async def run_forever(cfg: Config) -> int:
         code = 1
     finally:
         await sup.shutdown()
+    if sup.crashed is not None:
+        log.error("exiting after a failure: %s", sup.crashed)
+        return 1
     return code

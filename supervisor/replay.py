@@ -94,6 +94,7 @@ class Replayer:
         self._idle = asyncio.Event()
         self._idle.set()
         self.on_outcome: Callable[[str, Outcome, bool], None] | None = None
+        self.on_crash: Callable[[str], None] | None = None
 
     def set_sender(self, send: SendFn) -> None:
         """The function that performs one HTTP attempt."""
@@ -107,7 +108,17 @@ class Replayer:
             if not self._stopping:
                 lane.task = asyncio.get_running_loop().create_task(
                     self._run_lane(lane), name=f"replay-{instance_id}")
+                lane.task.add_done_callback(self._lane_ended)
         return lane
+
+    def _lane_ended(self, task: asyncio.Task[None]) -> None:
+        """A lane worker must only end on stop; a crash is reported to the owner."""
+        if task.cancelled() or self._stopping:
+            return
+        exc = task.exception()
+        log.critical("replay worker %s crashed: %r", task.get_name(), exc)
+        if self.on_crash is not None:
+            self.on_crash(f"replay worker {task.get_name()} crashed: {exc!r}")
 
     # ------------------------------------------------------------------ startup
 

@@ -33,12 +33,23 @@ class FakeClock:
             await asyncio.wait([waiter, fut], return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
-            self._waiters.remove(entry)
+            if entry in self._waiters:
+                self._waiters.remove(entry)
         return event.is_set()
+
+    @property
+    def waiting(self) -> int:
+        """How many tasks are blocked in :meth:`wait`."""
+        return len(self._waiters)
 
     def advance(self, seconds: float) -> None:
         """Move time forward and release the waits whose deadline passed."""
         self._mono += seconds
-        for deadline, _, fut in list(self._waiters):
-            if deadline <= self._mono and not fut.done():
-                fut.set_result(None)
+        for entry in list(self._waiters):
+            deadline, _, fut = entry
+            if deadline <= self._mono:
+                # Released waits stop counting at once, so "everyone waits again" means the
+                # released tasks have run.
+                self._waiters.remove(entry)
+                if not fut.done():
+                    fut.set_result(None)

@@ -160,6 +160,7 @@ BAD = [
     pytest.param({"monitoring": {"warning": {"min_success_rate": 90}}},
                  "monitoring.warning.min_success_rate:", id="warning-above-healthy"),
     pytest.param({"listen": {"port": 70000}}, "listen.port:", id="port-above-65535"),
+    pytest.param({"queue": {"jitter": 1.5}}, "queue.jitter:", id="jitter-above-1"),
 ]
 
 

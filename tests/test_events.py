@@ -109,7 +109,7 @@ def _epoch_ms(line: str) -> str:
 
 @pytest.mark.parametrize(("n", "expected"), sorted(PINO_EXPECTED.items()))
 def test_pino_line_as_is(n: int, expected: Expect) -> None:
-    """Each stock pino line gives its annotated event; only ``connected to WA`` names its instance."""
+    """Each stock pino line gives its event; only ``connected to WA`` names its instance."""
     _check(parse(PINO[n - 1]), expected, PINO_BROWSER_ID.get(n))
 
 

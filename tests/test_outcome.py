@@ -24,39 +24,39 @@ def _delivered_body() -> bytes:
 DELIVERED = _delivered_body()
 QUOTA = "The number of messages you have sent per month has exceeded the maximum limit"
 
-O = OutcomeKind
+OK = OutcomeKind
 
 CASES = [
     # (HTTP status, body, expected kind, expected message_key_id)
-    pytest.param(200, DELIVERED, O.DELIVERED, "3EB0AEF6AF7BB2529DB8D7", id="delivered"),
-    pytest.param(200, b'{"status":"success"}', O.NOT_READY, None, id="success-without-message"),
-    pytest.param(200, b'{"status":"success","message":null}', O.NOT_READY, None,
+    pytest.param(200, DELIVERED, OK.DELIVERED, "3EB0AEF6AF7BB2529DB8D7", id="delivered"),
+    pytest.param(200, b'{"status":"success"}', OK.NOT_READY, None, id="success-without-message"),
+    pytest.param(200, b'{"status":"success","message":null}', OK.NOT_READY, None,
                  id="success-message-null"),
-    pytest.param(200, b'{"status":"error","message":"Instance ID Invalidated"}', O.PERMANENT,
+    pytest.param(200, b'{"status":"error","message":"Instance ID Invalidated"}', OK.PERMANENT,
                  None, id="auth-error"),
-    pytest.param(200, json.dumps({"status": "success", "message": QUOTA}).encode(), O.PERMANENT,
+    pytest.param(200, json.dumps({"status": "success", "message": QUOTA}).encode(), OK.PERMANENT,
                  None, id="monthly-quota"),
     pytest.param(200, json.dumps({"status": "success", "message": VARIANT_NOT_READY,
                                   "messageId": "msg_1", "queued": True}).encode(),
-                 O.NOT_READY, None, id="variant-queued-not-ready"),
+                 OK.NOT_READY, None, id="variant-queued-not-ready"),
     pytest.param(200, json.dumps({"status": 0, "message": VARIANT_NOT_READY}).encode(),
-                 O.NOT_READY, None, id="variant-status-0"),
-    pytest.param(500, b'{"status":"success"}', O.FAILED, None, id="http-500"),
-    pytest.param(502, b"<html>Bad Gateway</html>", O.FAILED, None, id="http-502"),
-    pytest.param(503, DELIVERED, O.FAILED, None, id="http-503-even-with-a-key"),
-    pytest.param(200, b"<html>oops</html>", O.FAILED, None, id="non-json"),
-    pytest.param(200, b"", O.FAILED, None, id="empty-body"),
-    pytest.param(200, b"\xff\xfe\x00", O.FAILED, None, id="binary-body"),
-    pytest.param(200, b'[{"status":"success"}]', O.FAILED, None, id="json-array"),
-    pytest.param(200, b'"success"', O.FAILED, None, id="json-string"),
-    pytest.param(200, b'{"status":"success","message":{"key":{}}}', O.FAILED, None,
+                 OK.NOT_READY, None, id="variant-status-0"),
+    pytest.param(500, b'{"status":"success"}', OK.FAILED, None, id="http-500"),
+    pytest.param(502, b"<html>Bad Gateway</html>", OK.FAILED, None, id="http-502"),
+    pytest.param(503, DELIVERED, OK.FAILED, None, id="http-503-even-with-a-key"),
+    pytest.param(200, b"<html>oops</html>", OK.FAILED, None, id="non-json"),
+    pytest.param(200, b"", OK.FAILED, None, id="empty-body"),
+    pytest.param(200, b"\xff\xfe\x00", OK.FAILED, None, id="binary-body"),
+    pytest.param(200, b'[{"status":"success"}]', OK.FAILED, None, id="json-array"),
+    pytest.param(200, b'"success"', OK.FAILED, None, id="json-string"),
+    pytest.param(200, b'{"status":"success","message":{"key":{}}}', OK.FAILED, None,
                  id="message-without-key-id"),
-    pytest.param(200, b'{"status":"success","message":{"key":{"id":""}}}', O.FAILED, None,
+    pytest.param(200, b'{"status":"success","message":{"key":{"id":""}}}', OK.FAILED, None,
                  id="empty-key-id"),
-    pytest.param(200, b'{"status":"success","message":{"key":"3EB0"}}', O.FAILED, None,
+    pytest.param(200, b'{"status":"success","message":{"key":"3EB0"}}', OK.FAILED, None,
                  id="key-not-an-object"),
-    pytest.param(404, b'{"status":"success"}', O.FAILED, None, id="http-404-no-message"),
-    pytest.param(200, b'{"foo":1}', O.FAILED, None, id="no-status"),
+    pytest.param(404, b'{"status":"success"}', OK.FAILED, None, id="http-404-no-message"),
+    pytest.param(200, b'{"foo":1}', OK.FAILED, None, id="no-status"),
 ]
 
 
@@ -94,19 +94,19 @@ def test_long_error_message_is_shortened() -> None:
     """A huge error message is cut in the detail."""
     body = json.dumps({"status": "error", "message": "x" * 5000}).encode()
     outcome = classify(200, body)
-    assert outcome.kind is O.PERMANENT
+    assert outcome.kind is OK.PERMANENT
     assert len(outcome.detail) < 300
 
 
 @pytest.mark.parametrize(
     ("kind", "counts"),
     [
-        (O.DELIVERED, False),
-        (O.NOT_READY, False),
-        (O.UNAVAILABLE, False),
-        (O.FAILED, True),
-        (O.UNKNOWN, True),
-        (O.PERMANENT, False),
+        (OK.DELIVERED, False),
+        (OK.NOT_READY, False),
+        (OK.UNAVAILABLE, False),
+        (OK.FAILED, True),
+        (OK.UNKNOWN, True),
+        (OK.PERMANENT, False),
     ],
 )
 def test_counts_as_failure(kind: OutcomeKind, counts: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def _assemble(lines: list[str], chunks: list[int] | None = None) -> list[Record]
     asm = Assembler()
     cuts = [0, *sorted(set(chunks or [])), len(lines)]
     out: list[Record] = []
-    for start, end in zip(cuts, cuts[1:], strict=False):
+    for start, end in itertools.pairwise(cuts):
         out.extend(asm.feed(lines[start:end], start + 1))
     out.extend(asm.flush())
     return out
@@ -183,7 +184,7 @@ def test_block_never_exceeds_max_record_lines(opening: str) -> None:
 
 
 def test_stock_file_events_in_order() -> None:
-    """The stock log gives upstream_started, ready, conflict 440, disconnected 428, logged_out 401."""
+    """The stock log gives upstream_started, ready, conflict 440, disconnected 428, logout 401."""
     found = [e for e in (events.parse(r.text) for r in STOCK_RECORDS) if e is not None]
     assert [(e.kind, e.code) for e in found] == [
         (EventKind.UPSTREAM_STARTED, None),

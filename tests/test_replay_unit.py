@@ -14,7 +14,7 @@ from supervisor.outcome import Outcome, OutcomeKind
 from supervisor.replay import Item, Lane, Replayer, next_delay_s
 from supervisor.sessions import Sessions
 
-O = OutcomeKind
+OK = OutcomeKind
 M = MessageState
 
 CFG = QueueConfig(retry_delay_s=5, max_retry_delay_s=300, jitter=0.2, max_retries=3)
@@ -23,18 +23,18 @@ CFG = QueueConfig(retry_delay_s=5, max_retry_delay_s=300, jitter=0.2, max_retrie
 @pytest.mark.parametrize(
     ("failures", "rand", "expected"),
     [
-        # (failures, rand, seconds): retry_delay_s × 2^(n-1), × (1 + jitter × (2·rand - 1))
+        # (failures, rand, seconds): retry_delay_s x 2^(n-1), x (1 + jitter x (2*rand - 1))
         (1, 0.5, 5.0),
         (2, 0.5, 10.0),
         (3, 0.5, 20.0),
         (4, 0.5, 40.0),
         (0, 0.5, 5.0),                  # n=0 is treated as the first failure
         (-3, 0.5, 5.0),
-        (1, 0.0, 4.0),                  # rand 0 → × (1 - jitter)
+        (1, 0.0, 4.0),                  # rand 0 → x (1 - jitter)
         (3, 0.0, 16.0),
-        (1, 0.999999, 6.0),             # rand → 1 → × (1 + jitter)
+        (1, 0.999999, 6.0),             # rand → 1 → x (1 + jitter)
         (3, 0.25, 18.0),
-        (7, 0.5, 300.0),                # 5 × 64 = 320, capped at max_retry_delay_s
+        (7, 0.5, 300.0),                # 5 x 64 = 320, capped at max_retry_delay_s
         (7, 0.0, 240.0),                # the cap is jittered too
         (100, 0.5, 300.0),
         (10**9, 0.5, 300.0),            # huge n does not overflow
@@ -86,27 +86,27 @@ WALL = 1_750_000_000.0
     ("cfg", "before", "outcome", "state", "attempts", "failures", "unknown", "delay"),
     [
         # before = (attempts, failures, unknown_count); delay = next attempt - now, seconds
-        pytest.param(CFG, (0, 0, 0), Outcome(O.DELIVERED, "", "3EB0AB"), M.DELIVERED,
+        pytest.param(CFG, (0, 0, 0), Outcome(OK.DELIVERED, "", "3EB0AB"), M.DELIVERED,
                      1, 0, 0, 0.0, id="delivered"),
-        pytest.param(CFG, (2, 1, 0), Outcome(O.NOT_READY, "not open"), M.QUEUED,
+        pytest.param(CFG, (2, 1, 0), Outcome(OK.NOT_READY, "not open"), M.QUEUED,
                      3, 1, 0, 0.0, id="not-ready-is-an-attempt-not-a-failure"),
-        pytest.param(CFG, (2, 1, 0), Outcome(O.UNAVAILABLE, "refused"), M.QUEUED,
+        pytest.param(CFG, (2, 1, 0), Outcome(OK.UNAVAILABLE, "refused"), M.QUEUED,
                      2, 1, 0, 5.0, id="unavailable-is-not-an-attempt"),
-        pytest.param(CFG, (0, 0, 0), Outcome(O.FAILED, "HTTP 502"), M.QUEUED,
+        pytest.param(CFG, (0, 0, 0), Outcome(OK.FAILED, "HTTP 502"), M.QUEUED,
                      1, 1, 0, 5.0, id="first-failure-backs-off"),
-        pytest.param(CFG, (1, 1, 0), Outcome(O.FAILED, "HTTP 502"), M.QUEUED,
+        pytest.param(CFG, (1, 1, 0), Outcome(OK.FAILED, "HTTP 502"), M.QUEUED,
                      2, 2, 0, 10.0, id="second-failure-doubles"),
-        pytest.param(CFG, (2, 2, 0), Outcome(O.FAILED, "HTTP 502"), M.DEAD,
+        pytest.param(CFG, (2, 2, 0), Outcome(OK.FAILED, "HTTP 502"), M.DEAD,
                      3, 3, 0, 0.0, id="failures-reach-max-retries-dead"),
-        pytest.param(QueueConfig(max_retries=0), (0, 0, 0), Outcome(O.FAILED, "HTTP 502"),
+        pytest.param(QueueConfig(max_retries=0), (0, 0, 0), Outcome(OK.FAILED, "HTTP 502"),
                      M.DEAD, 1, 1, 0, 0.0, id="max-retries-0-dies-on-first-failure"),
-        pytest.param(CFG, (0, 0, 0), Outcome(O.UNKNOWN, "timeout"), M.UNKNOWN,
+        pytest.param(CFG, (0, 0, 0), Outcome(OK.UNKNOWN, "timeout"), M.UNKNOWN,
                      1, 1, 1, 5.0, id="unknown-retry"),
-        pytest.param(QueueConfig(on_unknown="fail"), (0, 0, 0), Outcome(O.UNKNOWN, "timeout"),
+        pytest.param(QueueConfig(on_unknown="fail"), (0, 0, 0), Outcome(OK.UNKNOWN, "timeout"),
                      M.DEAD, 1, 1, 1, 0.0, id="unknown-fail-policy-dead"),
-        pytest.param(CFG, (2, 2, 0), Outcome(O.UNKNOWN, "timeout"), M.DEAD,
+        pytest.param(CFG, (2, 2, 0), Outcome(OK.UNKNOWN, "timeout"), M.DEAD,
                      3, 3, 1, 0.0, id="unknown-as-last-allowed-failure-dead"),
-        pytest.param(CFG, (0, 0, 0), Outcome(O.PERMANENT, "quota"), M.DEAD,
+        pytest.param(CFG, (0, 0, 0), Outcome(OK.PERMANENT, "quota"), M.DEAD,
                      1, 0, 0, 0.0, id="permanent-dead"),
     ],
 )
@@ -131,7 +131,7 @@ def test_progress_delivered_keeps_the_key_and_clears_the_error() -> None:
     """A delivered attempt stores WhatsApp's message key id and no error."""
     replayer = _replayer(CFG, FakeClock())
     progress, _ = replayer.progress(Item(1, "m1", 0.0, attempts=2, failures=1),
-                                    Outcome(O.DELIVERED, "ignored", "3EB0AEF6AF7BB2529DB8D7"),
+                                    Outcome(OK.DELIVERED, "ignored", "3EB0AEF6AF7BB2529DB8D7"),
                                     Lane("X"), WALL)
     assert (progress.message_key_id, progress.last_error) == ("3EB0AEF6AF7BB2529DB8D7", None)
 
@@ -139,10 +139,10 @@ def test_progress_delivered_keeps_the_key_and_clears_the_error() -> None:
 @pytest.mark.parametrize(
     ("cfg", "outcome", "words"),
     [
-        (CFG, Outcome(O.PERMANENT, "api-blast error: Instance ID Invalidated"),
+        (CFG, Outcome(OK.PERMANENT, "api-blast error: Instance ID Invalidated"),
          "Instance ID Invalidated"),
-        (QueueConfig(max_retries=1), Outcome(O.FAILED, "HTTP 502"), "max_retries"),
-        (QueueConfig(on_unknown="fail"), Outcome(O.UNKNOWN, "timeout"), "on_unknown"),
+        (QueueConfig(max_retries=1), Outcome(OK.FAILED, "HTTP 502"), "max_retries"),
+        (QueueConfig(on_unknown="fail"), Outcome(OK.UNKNOWN, "timeout"), "on_unknown"),
     ],
 )
 def test_progress_dead_says_why(cfg: QueueConfig, outcome: Outcome, words: str) -> None:
@@ -158,5 +158,5 @@ def test_progress_unavailable_backs_off_with_the_lane_streak() -> None:
     """Repeated unreachable answers back off by the lane's streak, not the message's failures."""
     replayer = _replayer(CFG, FakeClock(start=0.0))
     lane = Lane("X", unavailable_streak=2)
-    _, next_at = replayer.progress(Item(1, "m1", 0.0), Outcome(O.UNAVAILABLE), lane, WALL)
+    _, next_at = replayer.progress(Item(1, "m1", 0.0), Outcome(OK.UNAVAILABLE), lane, WALL)
     assert next_at == pytest.approx(20.0)
