@@ -15,7 +15,7 @@ def test_demo_shows_full_supervised_delivery_and_leaves_no_process() -> None:
     reports no duplicate, exits 0, and stops every process it started."""
     out = subprocess.run(
         [sys.executable, "-m", "supervisor", "demo", "--messages", "10", "--interval-ms", "150"],
-        capture_output=True, text=True, timeout=120, cwd=REPO)
+        check=False, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
     direct = float(re.search(r"straight to api-blast: +([\d.]+) %", out.stdout).group(1))
     supervised = float(re.search(r"through blast-supervisor: +([\d.]+) %", out.stdout).group(1))
