@@ -28,3 +28,5 @@ fi
 .venv/bin/mypy
 # pytest exits 5 when it collects no test: set -e turns that into a failure too.
 .venv/bin/pytest -p no:cacheprovider "$@"
+# The benchmarks in their short mode (no thresholds): they must keep running.
+.venv/bin/python bench/run.py --quick --json "${TMPDIR:-/tmp}/blast-supervisor-bench.json"
