@@ -136,9 +136,9 @@ class Sessions:
             self._drop(s, SessionState.CONFLICT, event.code, now, guessed)
         elif self._in_conflict_hold(s, now) and event.kind is not EventKind.LOGGED_OUT:
             # The close that follows a 440 (connection errored, connection closed, a
-            # reconnect attempt) must not shorten the conflict hold.
-            if event.kind is EventKind.CONNECTING:
-                s.ready_pending = False
+            # reconnect attempt) must not shorten the conflict hold; but a ready remembered
+            # during the hold no longer counts: the latest signal is not ready any more.
+            s.ready_pending = False
             return [s.instance_id]
         else:
             state = _DROPS[event.kind]
