@@ -219,6 +219,7 @@ class Replayer:
             if row is None or row.state not in (MessageState.QUEUED, MessageState.UNKNOWN,
                                                 MessageState.SENDING):
                 lane.in_flight = None  # cancelled or finished meanwhile
+                self._settle_idle()
                 return
             await self.journal.set_state(item.id, MessageState.SENDING, self.clock.time())
         except JournalError as exc:
