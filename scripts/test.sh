@@ -10,6 +10,12 @@ PY=${PYTHON:-python3}
 # Debian packages the tests use: node (a real Node upstream).
 need=()
 command -v node >/dev/null 2>&1 || need+=(nodejs)
+# systemd-analyze verifies the shipped units; logrotate checks and runs the generated rules.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v logrotate >/dev/null 2>&1 || need+=(logrotate)
+# Headless Chromium renders the dashboard; promtool (Debian's prometheus) checks the alert rules.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive

@@ -1,4 +1,5 @@
-"""The supervisor's own HTTP surface (SPEC §5): health, instances, messages, queue status.
+"""The supervisor's own HTTP surface (SPEC §5): health, instances, messages, queue status,
+recent events and metrics.
 
 Nothing here shows an access token or a message body.
 """
@@ -6,6 +7,8 @@ Nothing here shows an access token or a message body.
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -13,24 +16,33 @@ from aiohttp import web
 from .auth import Authenticator
 from .clock import Clock
 from .config import Config
+from .dashboard import Dashboard
+from .health import Facts, Health, Limits, instance_health, recommend, worst
 from .journal import Journal, JournalError, MessageRow, MessageState
+from .metrics import InstanceSample, Metrics
 from .proxy import json_error
-from .replay import Replayer
-from .sessions import Sessions, SessionState
+from .replay import Lane, Replayer
+from .sessions import Session, Sessions
+from .stats import DepthHistory, InstanceStats, Outcomes, Stats, overall
+
+RECENT_EVENTS_LIMIT = 200
 
 
-def health_of(success_rate: float | None, queued: int, state: SessionState,
-              cfg: Config) -> str:
-    """healthy / warning / critical from the monitoring thresholds and the session state."""
-    if state in (SessionState.LOGGED_OUT, SessionState.STALLED):
-        return "critical"
-    rate = 100.0 if success_rate is None else success_rate
-    h, w = cfg.monitoring.healthy, cfg.monitoring.warning
-    if rate > h.min_success_rate and queued < h.max_queue:
-        return "healthy"
-    if rate >= w.min_success_rate and queued < w.max_queue:
-        return "warning"
-    return "critical"
+def lane_depths(lane: Lane | None) -> dict[str, int]:
+    """A lane's messages by state: ``queued`` (first attempt pending), ``retrying``,
+    ``unknown`` (outcome of an attempt unknown) and ``sending`` (in flight)."""
+    out = {"queued": 0, "retrying": 0, "unknown": 0, "sending": 0}
+    if lane is None:
+        return out
+    for it in lane.items:
+        if it.state is MessageState.UNKNOWN:
+            out["unknown"] += 1
+        elif it.attempts > 0:
+            out["retrying"] += 1
+        else:
+            out["queued"] += 1
+    out["sending"] = 1 if lane.in_flight else 0
+    return out
 
 
 def message_view(row: MessageRow) -> dict[str, Any]:
@@ -62,7 +74,9 @@ class Api:
     """Handlers of ``/supervisor/*`` and ``/queue-status/{instance_id}``."""
 
     def __init__(self, cfg: Config, journal: Journal, sessions: Sessions, replayer: Replayer,
-                 auth: Authenticator, clock: Clock) -> None:
+                 auth: Authenticator, clock: Clock, *, stats: Stats | None = None,
+                 metrics: Metrics | None = None,
+                 recent_events: deque[dict[str, Any]] | None = None) -> None:
         self.cfg = cfg
         self.journal = journal
         self.sessions = sessions
@@ -71,6 +85,18 @@ class Api:
         self.clock = clock
         self.started_at = clock.time()
         self.failing: dict[str, str] = {}  # component -> what is wrong
+        self.stats = stats or Stats(journal, clock)
+        self.metrics = metrics or Metrics()
+        self.recent_events: deque[dict[str, Any]] = (
+            recent_events if recent_events is not None else deque(maxlen=RECENT_EVENTS_LIMIT))
+        self.depths = DepthHistory(2 * cfg.monitoring.backlog_window_s)
+        # Filled by whoever knows (process watching, admin pause): pids of duplicate api-blast
+        # processes, and whether an instance is paused. They feed the recommendations.
+        self.duplicate_pids: Callable[[], tuple[int, ...]] = tuple
+        self.is_paused: Callable[[str], bool] = lambda _instance_id: False
+        # Extra sections of /supervisor/health (api_blast, process, recovery), filled by the
+        # daemon: name -> a function returning that section's JSON.
+        self.sections: dict[str, Callable[[], Any]] = {}
 
     def add_routes(self, app: web.Application) -> None:
         """Register the routes (before the proxy's catch-all)."""
@@ -78,7 +104,16 @@ class Api:
         app.router.add_get("/supervisor/instances", self.instances)
         app.router.add_get("/supervisor/messages", self.messages)
         app.router.add_get("/supervisor/messages/{message_id}", self.message)
+        app.router.add_get("/supervisor/events", self.events)
+        app.router.add_get("/supervisor/metrics", self.metrics_page)
         app.router.add_get("/queue-status/{instance_id}", self.queue_status)
+        Dashboard().add_routes(app)
+
+    def sample_depths(self) -> None:
+        """Remember every lane's depth now (the backlog rule compares with the past)."""
+        self.depths.keep_s = 2 * self.cfg.monitoring.backlog_window_s
+        self.depths.add(self.clock.monotonic(),
+                        {i: lane.depth for i, lane in self.replayer.lanes.items()})
 
     async def health(self, request: web.Request) -> web.Response:
         """200 when the journal is writable and the daemon serves, else 503 naming the fault."""
@@ -94,47 +129,149 @@ class Api:
             "queued": self.replayer.queued_total(),
             "instances": len(self.sessions.known()),
         }
+        body.update({name: section() for name, section in self.sections.items()})
         return web.json_response(body, status=200 if not problems else 503)
 
+    def _session(self, instance_id: str) -> Session:
+        """The session of an instance, without registering one that events never named (an
+        instance known only from the journal must not change the attribution of events)."""
+        if instance_id in self.sessions.known():
+            return self.sessions.get(instance_id)
+        return Session(instance_id)
+
     async def instance_summary(self, instance_id: str,
-                               counts: dict[str, int]) -> dict[str, Any]:
-        """Session, queue and outcome figures of one instance."""
+                               stats: InstanceStats | None = None) -> dict[str, Any]:
+        """Session, queue, outcome figures, health and recommendations of one instance."""
+        cfg = self.cfg
         now = self.clock.monotonic()
-        s = self.sessions.get(instance_id)
-        state = s.view_state(now, self.cfg.session.connection_timeout_s)
+        stats = stats or InstanceStats(Outcomes(), Outcomes())
+        s = self._session(instance_id)
+        state = s.view_state(now, cfg.session.connection_timeout_s)
         lane = self.replayer.lanes.get(instance_id)
+        depths = lane_depths(lane)
         queued = lane.depth if lane else 0
-        delivered = counts.get("delivered", 0)
-        dead = counts.get("dead", 0)
-        finished = delivered + dead
-        rate = round(100.0 * delivered / finished, 2) if finished else None
-        retrying = sum(1 for it in lane.items if it.attempts > 0) if lane else 0
+        limits = Limits.from_config(cfg)
+        conflicts_window = self.sessions.conflicts_within(instance_id, cfg.monitoring.window_s,
+                                                          now) if s.conflicts else 0
+        conflicts_recent = self.sessions.conflicts_within(
+            instance_id, limits.storm_window_s, now) if s.conflicts else 0
+        rate = stats.window.success_rate
+        health = instance_health(rate, queued, state, cfg.monitoring)
+        paused = self.is_paused(instance_id)
+        facts = Facts(
+            instance_id=instance_id, state=state, code=s.code,
+            down_for_s=now - s.dropped_at if s.dropped_at is not None else None,
+            conflicts_recent=conflicts_recent, conflicts_window=conflicts_window,
+            queued=queued, queued_before=self.depths.before(
+                instance_id, now - cfg.monitoring.backlog_window_s),
+            dead=stats.dead_waiting, success_rate=rate, finished=stats.window.finished,
+            unavailable_streak=lane.unavailable_streak if lane else 0, paused=paused,
+            duplicates=self.duplicate_pids())
         return {
             "instance_id": instance_id,
+            "paused": paused,
             "session": {
                 "state": state.value,
                 "code": s.code,
                 "since_s": round(now - s.changed_at, 3) if s.changed_at else None,
                 "last_event": s.last_event,
                 "guessed": s.guessed,
-                "conflicts_1h": self.sessions.conflicts_within(instance_id, 3600.0, now),
+                "conflicts_window": conflicts_window,
+                "conflict_storm": conflicts_recent >= limits.storm_count,
             },
             "queue": {
-                "queued": queued - (1 if lane and lane.in_flight else 0),
-                "retrying": retrying,
-                "in_flight": 1 if lane and lane.in_flight else 0,
+                "queued": depths["queued"] + depths["retrying"] + depths["unknown"],
+                "retrying": depths["retrying"] + depths["unknown"],
+                "in_flight": depths["sending"],
+                "dead": stats.dead_waiting,
+                "by_state": depths,
             },
-            "counts": {st.value: counts.get(st.value, 0) for st in MessageState},
+            "stats": stats.as_dict(cfg.monitoring.window_s),
             "success_rate": rate,
-            "health": health_of(rate, queued, state, self.cfg),
+            "first_attempt_rate": stats.window.first_attempt_rate,
+            "health": health.value,
+            "recommendations": [r.as_dict() for r in recommend(facts, limits)],
+        }
+
+    async def overview(self) -> dict[str, Any]:
+        """Every instance known from events, traffic or the journal, the overall figures and
+        every recommendation (the data of ``/supervisor/instances`` and the dashboard)."""
+        window_s = self.cfg.monitoring.window_s
+        problems = dict(self.failing)
+        queued = {i: lane.depth for i, lane in self.replayer.lanes.items()}
+        try:
+            per = await self.stats.read(window_s, queued)
+        except JournalError as exc:
+            problems["journal"] = exc.cause
+            per = {}
+        ids = sorted(set(self.sessions.known()) | set(self.replayer.lanes) | set(per))
+        summaries = [await self.instance_summary(i, per.get(i)) for i in ids]
+        total = overall(per.values())
+        healths = [Health(s["health"]) for s in summaries]
+        if problems:
+            healths.append(Health.CRITICAL)
+        return {
+            "generated_at": _iso(self.clock.time()),
+            "overall": {
+                "health": worst(healths).value,
+                "instances": len(summaries),
+                "ready": sum(1 for s in summaries if s["session"]["state"] == "ready"),
+                "queued": total.queued,
+                "dead": total.dead_waiting,
+                "success_rate": total.window.success_rate,
+                "first_attempt_rate": total.window.first_attempt_rate,
+                "stats": total.as_dict(window_s),
+            },
+            "instances": summaries,
+            "recommendations": [r for s in summaries for r in s["recommendations"]],
+            "problems": problems,
         }
 
     async def instances(self, request: web.Request) -> web.Response:
-        """Every instance known from events, traffic or the journal."""
-        counts = await self._counts()
-        ids = sorted(set(self.sessions.known()) | set(self.replayer.lanes) | set(counts))
-        out = [await self.instance_summary(i, counts.get(i, {})) for i in ids]
-        return web.json_response({"instances": out})
+        """Every instance with its figures, the overall figures and the recommendations."""
+        return web.json_response(await self.overview())
+
+    async def events(self, request: web.Request) -> web.Response:
+        """Recent session events, newest first (``?limit=``, ``?instance_id=``)."""
+        try:
+            limit = min(RECENT_EVENTS_LIMIT, max(1, int(request.query.get("limit", "50"))))
+        except ValueError:
+            return json_error(400, "limit must be an integer")
+        instance_id = request.query.get("instance_id")
+        out: list[dict[str, Any]] = []
+        for ev in reversed(self.recent_events):
+            if instance_id is not None and ev.get("instance_id") != instance_id:
+                continue
+            out.append({**ev, "time": _iso(float(ev["t"]))})
+            if len(out) >= limit:
+                break
+        return web.json_response({"events": out})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        """The Prometheus text format."""
+        view = await self.overview()
+        mon = self.cfg.monitoring
+        self.metrics.refresh(
+            [self._sample(s) for s in view["instances"]], Health(view["overall"]["health"]),
+            {"healthy": mon.healthy.min_success_rate, "warning": mon.warning.min_success_rate},
+            mon.window_s)
+        resp = web.Response(body=self.metrics.render())
+        resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+        return resp
+
+    @staticmethod
+    def _sample(summary: Mapping[str, Any]) -> InstanceSample:
+        st = summary["stats"]
+        windows = {"rolling": st["window"], "total": st["total"]}
+        return InstanceSample(
+            instance_id=summary["instance_id"], session_state=summary["session"]["state"],
+            health=Health(summary["health"]), depth=summary["queue"]["by_state"],
+            dead=summary["queue"]["dead"],
+            success_rate={w: f["success_rate"] for w, f in windows.items()},
+            first_attempt_rate={w: f["first_attempt_rate"] for w, f in windows.items()},
+            finished={w: {"delivered": f["delivered"], "first_attempt": f["first_attempt"],
+                          "dead": f["dead"]} for w, f in windows.items()},
+            conflict_storm=summary["session"]["conflict_storm"])
 
     async def message(self, request: web.Request) -> web.Response:
         """One message's state, attempts, last error and timestamps."""
@@ -166,14 +303,25 @@ class Api:
         return web.json_response({"messages": [message_view(r) for r in rows]})
 
     async def queue_status(self, request: web.Request) -> web.Response:
-        """The compatible ``/queue-status/{instance_id}`` answer (plus health and session)."""
+        """The compatible ``/queue-status/{instance_id}`` answer (plus health and session).
+
+        ``stats`` counts since the first outcome (like the patched api-blast's counters);
+        ``successRate`` is over ``monitoring.window_s`` (100 while nothing finished there).
+        """
         instance_id = request.match_info["instance_id"]
         verdict = await self.auth.check(instance_id, request.query.get("access_token"))
         if not verdict.ok:
             return json_error(verdict.status, verdict.message)
-        counts = (await self._counts()).get(instance_id, {})
-        summary = await self.instance_summary(instance_id, counts)
+        queued = {i: lane.depth for i, lane in self.replayer.lanes.items()}
+        try:
+            stats = (await self.stats.read(self.cfg.monitoring.window_s, queued)).get(
+                instance_id)
+        except JournalError as exc:
+            return json_error(503, f"cannot read the journal: {exc.cause}")
+        summary = await self.instance_summary(instance_id, stats)
         q = summary["queue"]
+        total = summary["stats"]["total"]
+        rate = summary["success_rate"]
         data = {
             "instanceId": instance_id,
             "mainQueue": q["queued"] - q["retrying"],
@@ -181,21 +329,20 @@ class Api:
             "processing": q["in_flight"],
             "stats": {
                 "queued": q["queued"] + q["in_flight"],
-                "success": counts.get("delivered", 0),
-                "failed": counts.get("dead", 0),
+                "success": total["delivered"],
+                "failed": total["dead"],
                 "retry": q["retrying"],
             },
-            "successRate": summary["success_rate"] if summary["success_rate"] is not None
-            else 100.0,
-            "recommendations": [],
+            "successRate": rate if rate is not None else 100.0,
+            "recommendations": [r["text"] for r in summary["recommendations"]],
             "health": summary["health"],
             "session": summary["session"],
+            "supervisor": {
+                "stats": summary["stats"],
+                "first_attempt_rate": summary["first_attempt_rate"],
+                "dead": q["dead"],
+                "recommendations": summary["recommendations"],
+            },
         }
         return web.json_response(
             {"status": "success", "message": "Queue status retrieved", "data": data})
-
-    async def _counts(self) -> dict[str, dict[str, int]]:
-        try:
-            return await self.journal.counts()
-        except JournalError:
-            return {}

@@ -1,4 +1,5 @@
-"""The command line: ``blast-supervisor run | check-config | parse-line | simulate | demo``.
+"""The command line: ``blast-supervisor run | check-config | parse-line | simulate | demo |
+status | test-success-rate | queue``.
 
 Only this module (and ``__main__``) reads the environment, files and arguments for
 configuration; everything below receives values.
@@ -8,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__, events
-from .config import Config, ConfigError, load_config, parse_config
+from . import __version__
+from .config import Config, ConfigError, LoggingConfig, load_config, parse_config
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # runtime failure (systemd restarts the service)
@@ -24,12 +24,28 @@ EXIT_CONFIG = 2  # invalid configuration (restarting will not help)
 DEFAULT_CONFIG = "/etc/blast-supervisor/supervisor.yaml"
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt,
-                        stream=sys.stderr)
+def _setup_logging(verbose: bool = False, cfg: LoggingConfig | None = None) -> None:
+    """stderr (journald-friendly under systemd: no timestamps, ``<N>`` priorities), a file
+    (``logging.file``, reopened after logrotate moved it), text or JSON lines."""
+    from logging.handlers import WatchedFileHandler
+
+    from .logformat import LEVELS, formatter_for, is_journal_stream
+
+    cfg = cfg or LoggingConfig()
+    handler: logging.Handler
+    if cfg.file:
+        handler = WatchedFileHandler(cfg.file, encoding="utf-8")
+        journal = False
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        try:
+            st: os.stat_result | None = os.fstat(sys.stderr.fileno())
+        except (OSError, ValueError):
+            st = None
+        journal = is_journal_stream(os.environ.get("JOURNAL_STREAM"), st)
+    handler.setFormatter(formatter_for(cfg.format, journal))
+    logging.basicConfig(level=logging.DEBUG if verbose else LEVELS[cfg.level],
+                        handlers=[handler])
     # watchfiles logs every change it sees at INFO: one line per api-blast log write.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
@@ -66,13 +82,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         for line in exc.errors:
             print(f"configuration error: {line}", file=sys.stderr)
         return EXIT_CONFIG
-    _setup_logging(args.verbose)
-    return asyncio.run(run_forever(cfg))
+    try:
+        _setup_logging(args.verbose, cfg.logging)
+    except OSError as exc:
+        print(f"configuration error: logging.file {cfg.logging.file}: cannot open it: "
+              f"{exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    from .systemd import notifier_from
+
+    notifier = notifier_from(os.environ, os.getpid())
+    path = args.config
+    return asyncio.run(run_forever(cfg, lambda: _load(path), notifier, args.test_hooks))
+
+
+def cmd_install_systemd(args: argparse.Namespace) -> int:
+    """Write the unit, a configuration and a logrotate file under ``--root``."""
+    from . import install
+
+    return install.run(args)
 
 
 def cmd_parse_line(args: argparse.Namespace) -> int:
     """Read log lines on stdin and print the events found (to tune patterns offline)."""
-    from .records import Assembler
+    from .monitor import event_json, event_text, parse_offline
 
     try:
         cfg = _load(args.config)
@@ -80,35 +112,25 @@ def cmd_parse_line(args: argparse.Namespace) -> int:
         for line in exc.errors:
             print(f"configuration error: {line}", file=sys.stderr)
         return EXIT_CONFIG
-    rules = events.compile_rules((r.name, r.pattern, r.event, r.code) for r in cfg.parser.rules)
-    assembler = Assembler()
-    found = 0
-
-    def emit(text: str, line: int) -> None:
-        nonlocal found
-        ev = events.parse(text, rules)
-        if ev is None:
-            return
-        found += 1
-        if args.json:
-            print(json.dumps({"event": ev.kind.value, "instance_id": ev.instance_id,
-                              "code": ev.code, "line": line, "attribution": ev.attribution,
-                              "rule": ev.rule, "jid": ev.jid}), flush=True)
-        else:
-            code = f" {ev.code}" if ev.code else ""
-            print(f"line {line}: {ev.kind.value}{code} instance={ev.instance_id or '-'} "
-                  f"({ev.attribution}, rule {ev.rule})", flush=True)
-
-    stdin = sys.stdin.buffer
-    for number, raw in enumerate(stdin, start=1):
-        text = raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8", "replace")
-        for rec in assembler.feed([text], number):
-            emit(rec.text, rec.line)
-    for rec in assembler.flush():
-        emit(rec.text, rec.line)
+    show = event_json if args.json else event_text
+    found = asyncio.run(parse_offline(cfg, sys.stdin.buffer, args.instances or (),
+                                      lambda f: print(show(f), flush=True)))
     if not args.json:
         print(f"{found} events", file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """Copy api-blast's output from stdin to stdout and show each instance's state."""
+    from .monitor import monitor_main
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"configuration error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    return monitor_main(cfg, args.instances or ())
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -124,6 +146,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
     return asyncio.run(demo.run_demo(args))
+
+
+def cmd_tool(args: argparse.Namespace) -> int:
+    """``status``, ``test-success-rate``, ``queue``: find the daemon, then run the tool.
+
+    The address comes from ``--url``, ``BLAST_SUPERVISOR_URL`` or the configuration's
+    ``listen``; the admin token from ``--admin-token``, ``BLAST_SUPERVISOR_ADMIN_TOKEN`` or
+    ``auth.admin_token``; the access token from ``--access-token`` or ``BLAST_ACCESS_TOKEN``.
+    """
+    from . import tools
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"configuration error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    url = (args.url or os.environ.get("BLAST_SUPERVISOR_URL")
+           or tools.base_url(cfg.listen.host, cfg.listen.port))
+    target = tools.Target(
+        url=url,
+        admin_token=(getattr(args, "admin_token", None)
+                     or os.environ.get("BLAST_SUPERVISOR_ADMIN_TOKEN") or cfg.auth.admin_token),
+        access_token=(getattr(args, "access_token", None)
+                      or os.environ.get("BLAST_ACCESS_TOKEN")),
+        timeout_s=args.timeout)
+    code: int = args.tool(args, target)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,16 +193,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", "run the daemon")
     p.add_argument("-c", "--config", help=f"YAML configuration (default {DEFAULT_CONFIG} if "
                                           "it exists, else built-in defaults)")
+    # Routes that wedge the daemon on purpose, for the watchdog tests only.
+    p.add_argument("--test-hooks", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
+
+    from . import install
+
+    p = add("install-systemd", "write the systemd unit, a configuration and a logrotate file")
+    install.add_arguments(p)
+    p.set_defaults(func=cmd_install_systemd)
 
     p = add("check-config", "validate a configuration file (exit 0, or 2 with the errors)")
     p.add_argument("-c", "--config", required=True, help="YAML configuration to check")
     p.set_defaults(func=cmd_check_config)
 
+    instance_help = ("an instance known in advance, with its phone jid if known "
+                     "(repeatable; as if it had traffic, for attribution)")
     p = add("parse-line", "print the session events found in log lines read on stdin")
-    p.add_argument("-c", "--config", help="YAML configuration (for extra parser rules)")
+    p.add_argument("-c", "--config", help="YAML configuration (parser rules, line prefix, "
+                                          "attribution)")
     p.add_argument("--json", action="store_true", help="one JSON object per event")
+    p.add_argument("--instance", dest="instances", action="append", metavar="ID[=JID]",
+                   help=instance_help)
     p.set_defaults(func=cmd_parse_line)
+
+    p = add("monitor", "copy api-blast's output from stdin to stdout and show each "
+                       "instance's session state on stderr (node app.js 2>&1 | ... monitor)")
+    p.add_argument("-c", "--config", help="YAML configuration (parser rules, line prefix, "
+                                          "attribution)")
+    p.add_argument("--instance", dest="instances", action="append", metavar="ID[=JID]",
+                   help="an instance known in advance, with its phone jid if known")
+    p.set_defaults(func=cmd_monitor)
 
     from . import demo, simulator
 
@@ -163,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", "simulator + supervisor + sender: the before/after success rate")
     demo.add_arguments(p)
     p.set_defaults(func=cmd_demo)
+
+    from . import tools
+
+    tools.add_subcommands(add, cmd_tool)
     return parser
 
 

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .records import PM2_TIME_PREFIX
+
 
 class ConfigError(Exception):
     """The configuration is invalid; ``errors`` holds one line per problem."""
@@ -66,6 +68,23 @@ class LogSourceConfig:
     unit: str | None = None
     # Where to begin reading a file seen for the first time: its current end, or its start.
     start_at: Literal["end", "start"] = "end"
+    # type file: several files or globs (pm2's -out.log and -error.log); replaces ``path``.
+    paths: tuple[str, ...] = ()
+    # Stripped from the start of every line before assembly (pm2 --time adds
+    # ``2025-07-23T05:41:01: ``); "" strips nothing.
+    line_prefix: str = PM2_TIME_PREFIX
+    # An unfinished multi-line record is given up this long after its last line.
+    record_timeout_s: float = field(default=2.0, metadata=_meta(gt=0, le=600))
+    max_record_lines: int = field(default=400, metadata=_meta(ge=1))
+    # A longer line keeps its first max_line_bytes; the rest is skipped (bounded memory).
+    max_line_bytes: int = field(default=1_048_576, metadata=_meta(ge=1024))
+    # type file: look at the files this often even without a change notification.
+    poll_interval_s: float = field(default=1.0, metadata=_meta(gt=0, le=60))
+    # type command: restart backoff after the child exits (doubling up to the maximum), and
+    # how long it gets after SIGTERM before SIGKILL.
+    restart_delay_s: float = field(default=1.0, metadata=_meta(ge=0))
+    max_restart_delay_s: float = field(default=60.0, metadata=_meta(ge=0))
+    stop_timeout_s: float = field(default=10.0, metadata=_meta(gt=0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +101,11 @@ class QueueConfig:
     batch_size: int = field(default=1, metadata=_meta(ge=1))
     process_interval_s: float = field(default=2.0, metadata=_meta(ge=0))
     on_unknown: Literal["retry", "fail"] = "retry"
+    # Finished rows (delivered, cancelled) are deleted this long after they finished.
+    retention_s: float = field(default=604_800.0, metadata=_meta(gt=0))
+    # Dead rows wait for an admin decision: kept for ever unless this is set.
+    dead_retention_s: float | None = field(default=None, metadata=_meta(gt=0))
+    prune_interval_s: float = field(default=300.0, metadata=_meta(gt=0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +133,9 @@ class MonitoringConfig:
     healthy: Threshold = Threshold(80.0, 10)
     warning: Threshold = Threshold(60.0, 20)
     window_s: float = field(default=3600.0, metadata=_meta(gt=0))
+    # A queue deeper than healthy.max_queue that grew over this span while the session was
+    # ready makes the "backlog growing" recommendation.
+    backlog_window_s: float = field(default=300.0, metadata=_meta(gt=0, le=86400))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +156,20 @@ class LimitsConfig:
 
     max_body_bytes: int = field(default=1_048_576, metadata=_meta(ge=1))
     instance_id_pattern: str = r"^[0-9A-Z]{10,20}$"
+    # Bytes of live rows in the journal; beyond it new sends get 503 (nothing is dropped).
+    max_journal_bytes: int = field(default=536_870_912, metadata=_meta(ge=65_536))
+    # A connection idle this long, or whose request headers are still incomplete, is closed.
+    idle_timeout_s: float = field(default=30.0, metadata=_meta(gt=0))
+    # The body of a guarded send must arrive within this (else HTTP 408).
+    body_timeout_s: float = field(default=30.0, metadata=_meta(gt=0))
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyConfig:
+    """``Idempotency-Key`` handling of guarded sends."""
+
+    # How long a key (and the answer stored with it) is remembered, in seconds.
+    ttl_s: float = field(default=86_400.0, metadata=_meta(gt=0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,23 +203,84 @@ class ParserRule:
     """A console-line pattern an operator adds without a release.
 
     ``pattern`` is a Python regular expression searched in each record; a named group
-    ``instance_id`` gives the instance, a named group ``code`` the status code.
+    ``instance_id`` gives the instance, a named group ``code`` the status code. A rule named
+    like a built-in one replaces it; ``event: ignore`` silences the records it matches.
     """
 
     name: str = ""
     pattern: str = ""
     event: Literal[
         "ready", "connecting", "conflict", "disconnected", "restart_required",
-        "logged_out", "qr", "upstream_started",
+        "logged_out", "qr", "upstream_started", "ignore",
     ] = "disconnected"
     code: int | None = None
 
 
+ATTRIBUTION_STRATEGIES = ("jid", "adjacent", "only_instance", "all_with_traffic")
+
+
 @dataclass(frozen=True, slots=True)
 class ParserConfig:
-    """Extra parser rules, tried before the built-in ones."""
+    """Extra parser rules (tried before the built-in ones) and how id-less records are
+    attributed."""
 
     rules: tuple[ParserRule, ...] = ()
+    # Strategies for records that name no instance, tried in this order (SPEC §2).
+    attribution: tuple[str, ...] = ATTRIBUTION_STRATEGIES
+    # ``adjacent``: an id-bearing record at most this many records and seconds before.
+    adjacent_records: int = field(default=3, metadata=_meta(ge=1))
+    adjacent_window_s: float = field(default=2.0, metadata=_meta(ge=0))
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessConfig:
+    """How api-blast's Node process is found and watched (psutil)."""
+
+    enabled: bool = True
+    # Ways to find it, tried in this order; an empty one is skipped.
+    pid_file: str | None = None
+    port: int | None = field(default=None, metadata=_meta(ge=1, le=65535))  # None: upstream's
+    cmdline: str | None = None  # a regex searched in the process's command line
+    cwd: str | None = None  # its working directory
+    interval_s: float = field(default=5.0, metadata=_meta(gt=0))
+    # Opt-in action: SIGTERM the newest of two or more duplicate api-blast processes.
+    stop_newest_duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictStormConfig:
+    """``count`` conflicts within ``window_s`` seconds on one instance is a storm."""
+
+    count: int = field(default=3, metadata=_meta(ge=1))
+    window_s: float = field(default=300.0, metadata=_meta(gt=0))
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryConfig:
+    """Actions taken from outside api-blast: nudges, liveness checks, child restarts."""
+
+    nudge: bool = True
+    nudge_delays_s: tuple[float, ...] = (30.0, 60.0, 120.0)
+    nudge_repeat_s: float = field(default=600.0, metadata=_meta(gt=0))
+    nudge_timeout_s: float = field(default=10.0, metadata=_meta(gt=0))
+    connecting_grace_s: float = field(default=60.0, metadata=_meta(ge=0))
+    conflict_storm: ConflictStormConfig = ConflictStormConfig()
+    liveness: bool = True
+    liveness_timeout_s: float = field(default=5.0, metadata=_meta(gt=0))
+    down_after: int = field(default=2, metadata=_meta(ge=1))
+    restart_child: bool = True
+    restart_after_s: float = field(default=120.0, metadata=_meta(ge=0))
+    restart_backoff_s: float = field(default=10.0, metadata=_meta(ge=0))
+    restart_max_backoff_s: float = field(default=300.0, metadata=_meta(ge=0))
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """The daemon's own log (stderr, journald-friendly, or JSON lines)."""
+
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    file: str | None = None  # write here instead of stderr (rotated by logrotate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +298,10 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     proxy: ProxyConfig = ProxyConfig()
     parser: ParserConfig = ParserConfig()
+    idempotency: IdempotencyConfig = IdempotencyConfig()
+    process: ProcessConfig = ProcessConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
+    logging: LoggingConfig = LoggingConfig()
 
 
 # --------------------------------------------------------------------------- parsing
@@ -323,6 +429,19 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         )
     if src.type == "journald" and not src.unit:
         errors.append("log_source.unit: required when log_source.type is 'journald'")
+    try:
+        re.compile(src.line_prefix)
+    except re.error as exc:
+        errors.append(f"log_source.line_prefix: not a valid regular expression: {exc}")
+    if src.max_restart_delay_s < src.restart_delay_s:
+        errors.append("log_source.max_restart_delay_s: must not be below "
+                      "log_source.restart_delay_s")
+    for i, name in enumerate(cfg.parser.attribution):
+        if name not in ATTRIBUTION_STRATEGIES:
+            errors.append(f"parser.attribution[{i}]: unknown strategy {name!r}; use "
+                          f"{', '.join(ATTRIBUTION_STRATEGIES)}")
+    if len(set(cfg.parser.attribution)) != len(cfg.parser.attribution):
+        errors.append("parser.attribution: a strategy is listed twice")
     if cfg.auth.mode == "none" and not _is_loopback(cfg.listen.host):
         errors.append(
             f"auth.mode: 'none' is only allowed when listen.host is a loopback address "
@@ -357,6 +476,25 @@ def _validate(cfg: Config, errors: list[str]) -> None:
             errors.append(f"{where}.pattern: not a valid regular expression: {exc}")
         if not rule.pattern:
             errors.append(f"{where}.pattern: required")
+    _validate_service(cfg, errors)
+
+
+def _validate_service(cfg: Config, errors: list[str]) -> None:
+    """Checks of the ``process`` and ``recovery`` sections."""
+    if cfg.process.cmdline is not None:
+        try:
+            re.compile(cfg.process.cmdline)
+        except re.error as exc:
+            errors.append(f"process.cmdline: not a valid regular expression: {exc}")
+    rec = cfg.recovery
+    if not rec.nudge_delays_s:
+        errors.append("recovery.nudge_delays_s: must list at least one delay, e.g. [30, 60, 120]")
+    for i, delay in enumerate(rec.nudge_delays_s):
+        if isinstance(delay, float) and delay <= 0:
+            errors.append(f"recovery.nudge_delays_s[{i}]: must be a number > 0, got {delay!r}")
+    if rec.restart_max_backoff_s < rec.restart_backoff_s:
+        errors.append("recovery.restart_max_backoff_s: must not be below "
+                      "recovery.restart_backoff_s")
 
 
 def _is_loopback(host: str) -> bool:

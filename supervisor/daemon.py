@@ -3,33 +3,108 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
-import sys
+import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 
 from . import attribution, events
+from .admin import Admin
 from .api import Api
+from .attribution import Attributor
 from .auth import Authenticator
 from .clock import Clock, SystemClock
-from .config import Config
-from .journal import Journal, JournalError, MessageRow, TailPosition
+from .config import Config, ConfigError
+from .housekeeping import Housekeeper
+from .journal import (
+    EventRecord,
+    Journal,
+    JournalError,
+    MessageRow,
+    MessageState,
+    Progress,
+    TailPosition,
+)
+from .metrics import Metrics
+from .procwatch import ProcessWatcher, ProcInfo
 from .proxy import Proxy
-from .records import Assembler
-from .replay import Replayer, next_delay_s
-from .sessions import Sessions
-from .tail import FileTail
+from .recovery import Recovery
+from .replay import Lane, Replayer, next_delay_s
+from .sessions import Sessions, SessionState
+from .sources import Batch, Found, Intake, Source
+from .sources.command import CommandSource
+from .sources.file import FileSource
+from .sources.journald import JournaldSource
+from .sources.journald import stream_name as journald_stream
+from .sources.stdin import StdinSource
+from .stats import Stats
+from .systemd import Notifier, NullNotifier, status_line
 from .upstream import SendResult, Upstream
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_DEADLINE_S = 10.0  # in-flight sends get this long to finish on SIGTERM
 RECENT_EVENTS = 200
+TICK_S = 5.0  # the main loop's tick when no watchdog asks for a faster one
+STATUS_REFRESH_S = 10.0  # how often the STATUS= figures are read from the journal
+OUTCOME_PRUNE_S = 60.0  # how often outcomes older than monitoring.window_s are pruned
+
+# Settings read once at startup: a reload that changes them is applied only by a restart.
+RESTART_ONLY = ("listen", "state_dir", "log_source", "upstream", "logging",
+                "limits.max_body_bytes", "proxy.guarded_routes", "process.enabled")
+
+
+def reload_plan(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """The configuration to apply on reload, and the changed keys that need a restart
+    (those keep their running value until then)."""
+    changed: list[str] = []
+    effective = new
+    for key in RESTART_ONLY:
+        section, _, field = key.partition(".")
+        old_v, new_v = getattr(old, section), getattr(new, section)
+        if field:
+            old_f, new_f = getattr(old_v, field), getattr(new_v, field)
+            if old_f != new_f:
+                changed.append(key)
+                new_v = dataclasses.replace(new_v, **{field: old_f})
+                effective = dataclasses.replace(effective, **{section: new_v})
+        elif old_v != new_v:
+            changed.append(key)
+            effective = dataclasses.replace(effective, **{section: old_v})
+    return effective, changed
+
+
+class ChildProcess(Protocol):
+    """A log source that runs api-blast itself (``log_source.type: command``)."""
+
+    async def restart(self, reason: str) -> None:
+        """Stop the child and start it again."""
+
+
+class _ServiceMetrics(Collector):
+    """Process watching and recovery figures, read at scrape time."""
+
+    def __init__(self, procwatch: ProcessWatcher | None, recovery: Recovery) -> None:
+        self.procwatch, self.recovery = procwatch, recovery
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self.recovery.metrics()
+        if self.procwatch is not None:
+            yield from self.procwatch.metrics()
+
+
+def _block_event_loop(seconds: float) -> None:
+    """Test hook: hold the event loop, as a wedged loop would (the watchdog must stop)."""
+    time.sleep(seconds)
 
 
 def replayer_total(replayer: Replayer | None) -> int:
@@ -44,24 +119,40 @@ class StartupError(Exception):
 class Supervisor:
     """Owns the journal, the listeners, the log source and the replay loops."""
 
-    def __init__(self, cfg: Config, clock: Clock | None = None) -> None:
+    def __init__(self, cfg: Config, clock: Clock | None = None,
+                 notifier: Notifier | None = None, test_hooks: bool = False) -> None:
         self.cfg = cfg
         self.clock: Clock = clock or SystemClock()
+        self.notifier: Notifier = notifier or NullNotifier()
+        self.test_hooks = test_hooks
+        self.procwatch: ProcessWatcher | None = None
+        self.recovery: Recovery | None = None
+        self.child: ChildProcess | None = None  # set by the command log source
+        self.components: dict[str, asyncio.Task[Any]] = {}  # loops that must run until stop
+        self.reloads = 0
+        self._reload_lock = asyncio.Lock()
+        self._loop_problems: list[str] = []
+        self._status_at = -float("inf")
+        self._status_counts: tuple[int, int] = (0, 0)  # delivered, dead
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()  # set once serving and the first log pass is done
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self.metrics = Metrics()
         self.rules = events.compile_rules(
             (r.name, r.pattern, r.event, r.code) for r in cfg.parser.rules)
-        self.assembler = Assembler()
+        self.attributor = Attributor(cfg.parser.attribution, cfg.parser.adjacent_records,
+                                     cfg.parser.adjacent_window_s)
+        self.intake: Intake | None = None
+        self.source: Source | None = None
+        self.restored_sessions = 0  # session states read back from the journal at startup
+        self._persisting: set[asyncio.Task[None]] = set()
         self.journal: Journal | None = None
         self.upstream: Upstream | None = None
         self.runner: web.AppRunner | None = None
-        self.tail: FileTail | None = None
         self.replayer: Replayer | None = None
         self.proxy: Proxy | None = None
         self.port: int = cfg.listen.port
         self.crashed: str | None = None  # what failed, when a component loop died
-        self._tail_key = f"file:{os.path.abspath(cfg.log_source.path)}"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -86,33 +177,43 @@ class Supervisor:
         try:
             await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
         except OSError as exc:
-            raise StartupError(f"state_dir {state_dir}: cannot create it: {exc.strerror}") from exc
+            log.error("state_dir %s: cannot create it: %s", state_dir, exc.strerror)
+        # A storage fault does not stop the daemon: it serves, answers sends 503 and opens the
+        # journal once the fault clears (housekeeping). Only a permanent error stops it.
         try:
-            self.journal = await Journal.open(state_dir)
+            self.journal = await Journal.open(state_dir, on_commit=self.metrics.on_commit,
+                                              tolerate_faults=True)
         except JournalError as exc:
             raise StartupError(exc.cause) from exc
-        now = self.clock.time()
-        unknown = await self.journal.recover_in_flight(now)
-        if unknown:
-            log.warning("%d sends were in flight when the supervisor stopped: now 'unknown' "
-                        "(queue.on_unknown: %s)", unknown, cfg.queue.on_unknown)
         self.sessions = Sessions(
-            cfg.session, lambda n: next_delay_s(n, cfg.queue, random.random()))
+            cfg.session, lambda n: next_delay_s(n, self.cfg.queue, random.random()))
+        await self._restore_sessions()
         self.upstream = Upstream(cfg.upstream)
         self.replayer = replayer = Replayer(cfg.queue, self.sessions, self.journal, self._send,
                                             self.clock)
         replayer.on_crash = self._component_crashed
-        restored = replayer.load(await self.journal.active())
-        if restored:
-            log.info("restored %d queued sends from the journal", restored)
+        replayer.on_outcome = self.metrics.on_outcome
+        replayer.on_settled = self._on_settled
         self.auth = Authenticator(cfg.auth, self.upstream, self.clock)
         self.proxy = Proxy(cfg, self.journal, replayer, self.upstream, self.auth, self.clock)
-        self.api = Api(cfg, self.journal, self.sessions, replayer, self.auth, self.clock)
+        self.api = Api(cfg, self.journal, self.sessions, replayer, self.auth, self.clock,
+                       stats=Stats(self.journal, self.clock), metrics=self.metrics,
+                       recent_events=self.recent_events)
+        self.housekeeper = Housekeeper(cfg, self.journal, self.clock, self._restore_queue,
+                                       await self._restore_queue(), replayer.record_pending)
+        self._start_service_parts()
         app = web.Application(client_max_size=cfg.limits.max_body_bytes)
+        if self.test_hooks:
+            self._add_test_hooks(app)
         self.api.add_routes(app)
+        self.api.is_paused = replayer.paused.__contains__
+        self.admin = Admin(cfg, self.journal, replayer, self.clock)
+        self.admin.add_routes(app)
         self.proxy.add_routes(app)
+        # keepalive_timeout also closes a connection whose request headers never complete.
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                    shutdown_timeout=SHUTDOWN_DEADLINE_S)
+                                    shutdown_timeout=SHUTDOWN_DEADLINE_S,
+                                    keepalive_timeout=cfg.limits.idle_timeout_s)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.listen.host, cfg.listen.port, reuse_address=True)
         try:
@@ -126,48 +227,271 @@ class Supervisor:
         log.info("listening on http://%s:%d, forwarding to %s", cfg.listen.host, self.port,
                  cfg.upstream.url)
 
+    async def _restore_queue(self) -> bool:
+        """Load the journal's queue into the lanes: at startup, or once a journal that could
+        not be opened then opens. Until then guarded sends are answered 503."""
+        assert self.journal is not None
+        assert self.replayer is not None
+        assert self.proxy is not None
+        assert self.api is not None
+        try:
+            unknown = await self.journal.recover_in_flight(self.clock.time(),
+                                                           self.cfg.queue.on_unknown)
+            rows = await self.journal.active()
+            paused = await self.journal.paused_instances()
+        except JournalError as exc:
+            self.proxy.unavailable = self.api.failing["journal"] = exc.cause
+            return False
+        if unknown:
+            log.warning("%d sends were in flight when the supervisor stopped: now %s "
+                        "(queue.on_unknown: %s)", unknown,
+                        "dead" if self.cfg.queue.on_unknown == "fail" else "unknown",
+                        self.cfg.queue.on_unknown)
+        self.replayer.paused |= paused
+        if self.replayer.load(rows):
+            log.info("restored %d queued sends from the journal", len(rows))
+        self.proxy.unavailable = None
+        self.api.failing.pop("journal", None)
+        return True
+
     async def run(self) -> None:
         """Follow the log source and replay until :meth:`request_stop`."""
         src = self.cfg.log_source
         async with asyncio.TaskGroup() as tg:
-            if src.type == "file":
-                assert self.journal is not None
-                journal = self.journal
-                key = self._tail_key
-
-                async def load() -> TailPosition | None:
-                    return await journal.load_position(key)
-
-                async def save(pos: TailPosition) -> None:
-                    await journal.save_position(key, pos, self.clock.time())
-
-                self.tail = FileTail(src.path, src.start_at, self.on_lines, load, save)
-                tail_task = tg.create_task(self.tail.run(), name="tail")
-                await self._first_pass(tail_task)
-            elif src.type == "stdin":
-                tg.create_task(self._read_stdin(), name="stdin")
-            else:
-                raise StartupError(
-                    f"log_source.type {src.type!r} is not available in this release; "
-                    f"use 'file' or 'stdin'")
+            self.components["housekeeping"] = tg.create_task(self.housekeeper.run(),
+                                                             name="housekeeping")
+            # The log source (issue 3): its batches go through the intake, which commits
+            # session changes together with the position they were read up to.
+            self.intake = intake = self._make_intake()
+            self.source = source = self._make_source()
+            if isinstance(source, CommandSource):
+                self.child = source
+            tg.create_task(intake.run_timers(), name="record-timers")
+            source_task = tg.create_task(source.run(self._sink), name=f"log {src.type}")
+            if src.type != "stdin":  # a pipe may end; a file, journal or child never does
+                self.components["tail"] = source_task
+            await self._first_pass(source, source_task)
+            if self.procwatch is not None:
+                self.components["procwatch"] = tg.create_task(self.procwatch.run(),
+                                                              name="procwatch")
+            if self.recovery is not None:
+                self.components["recovery"] = tg.create_task(self.recovery.run(),
+                                                             name="recovery")
+            self.components["monitoring"] = tg.create_task(self._monitoring_loop(),
+                                                           name="monitoring")
             self.ready.set()
             log.info("ready: %d instances known, %d sends queued",
                      len(self.sessions.known()), replayer_total(self.replayer))
-            await self._stop.wait()
-            if self.tail is not None:
-                self.tail.request_stop()
+            self.notifier.ready()
+            await self._main_loop()
+            # Stop reading (a command child gets SIGTERM, then SIGKILL after its deadline);
+            # what was read is committed before the journal closes.
+            source.request_stop()
+            intake.request_stop()
+            if self.procwatch is not None:
+                self.procwatch.request_stop()
+            if self.recovery is not None:
+                self.recovery.request_stop()
+            self.housekeeper.request_stop()
 
-    async def _first_pass(self, tail_task: asyncio.Task[None]) -> None:
-        assert self.tail is not None
-        done = asyncio.ensure_future(self.tail.first_pass_done.wait())
-        await asyncio.wait([done, tail_task], return_when=asyncio.FIRST_COMPLETED)
-        if tail_task.done():
+    async def _first_pass(self, source: Source, task: asyncio.Task[None]) -> None:
+        """Wait until what the source had at start was read (or it failed)."""
+        done = asyncio.ensure_future(source.first_pass_done.wait())
+        await asyncio.wait([done, task], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
             done.cancel()
-            tail_task.result()
+            task.result()
+        if self.restored_sessions and not source.resumed:
+            # Lines were skipped (or cannot be re-read): what the sessions said before the
+            # restart may be stale, and a stable api-blast prints nothing to correct it.
+            log.warning("the log was not resumed where it stopped: the %d session states "
+                        "stored before the restart are not trusted; every instance is unknown "
+                        "until it reports ready or a send probes it", self.restored_sessions)
+            now = self.clock.monotonic()
+            changed = self.sessions.apply(events.Event(
+                events.EventKind.UPSTREAM_STARTED, rule="supervisor: log not resumed"), now)
+            self._persist(changed, [])
+
+    # ------------------------------------------------------------------ service (issue 6)
+
+    def _start_service_parts(self) -> None:
+        """Process watching and recovery, and their sections of ``/supervisor/health``."""
+        cfg = self.cfg
+        assert self.upstream is not None
+        if cfg.process.enabled:
+            self.procwatch = ProcessWatcher(cfg.process, cfg.upstream.url, self.clock,
+                                            self._on_upstream_restart)
+        restart = self._restart_child if cfg.log_source.type == "command" else None
+        self.recovery = Recovery(cfg.recovery, cfg.session, self.sessions, self.upstream,
+                                 self.auth, self.clock, restart)
+        sections = self.api.sections
+        recovery = self.recovery
+        sections["api_blast"] = recovery.api_blast_view
+        sections["recovery"] = recovery.view
+        procwatch = self.procwatch
+        sections["process"] = procwatch.view if procwatch else lambda: {"enabled": False}
+        if procwatch is not None:
+            self.api.duplicate_pids = lambda: tuple(
+                sorted({pid for d in procwatch.duplicates for pid in d.pids}))
+        self.metrics.registry.register(_ServiceMetrics(procwatch, recovery))
+
+    def _on_upstream_restart(self, proc: ProcInfo, previous: ProcInfo | None) -> None:
+        """api-blast's pid changed: every session is unknown until it reports ready."""
+        self.apply_event(events.Event(events.EventKind.UPSTREAM_STARTED,
+                                      rule=f"process: pid {previous.pid if previous else '?'} "
+                                           f"-> {proc.pid}"))
+
+    async def _restart_child(self, reason: str) -> None:
+        if self.child is None:
+            raise RuntimeError("no command log source is running to restart")
+        await self.child.restart(reason)
+
+    @property
+    def tick_s(self) -> float:
+        """The main loop's period: half of WATCHDOG_USEC when the watchdog is on."""
+        wd = self.notifier.watchdog_interval_s
+        return min(TICK_S, wd) if wd else TICK_S
+
+    async def _main_loop(self) -> None:
+        """Tick until stopped: watchdog ping (only while healthy), then STATUS=."""
+        await self._refresh_status(force=True)
+        while not await self.clock.wait(self._stop, self.tick_s):
+            await self._tick()
+
+    async def _tick(self) -> None:
+        problems = self.loop_problems()
+        if self.journal is not None:
+            try:
+                await asyncio.wait_for(self.journal.call(lambda _conn: None), self.tick_s)
+            except TimeoutError:
+                problems.append(f"the journal writer did not answer within {self.tick_s:g} s")
+            except JournalError:
+                pass  # it answered (with an error): health reports that, the loop is alive
+        if problems != self._loop_problems:
+            for p in problems:
+                log.error("watchdog pings stop: %s", p)
+            if not problems and self._loop_problems:
+                log.warning("watchdog pings resume")
+            self._loop_problems = problems
+        if not problems:
+            self.notifier.watchdog()
+        await self._refresh_status()
+
+    def loop_problems(self) -> list[str]:
+        """Components whose loop ended while the daemon is not stopping."""
+        out = []
+        for name, task in self.components.items():
+            if task.done() and not self.stopping:
+                what = "was cancelled" if task.cancelled() else "ended"
+                out.append(f"the {name} loop {what}")
+                self.api.failing[name] = f"the {name} loop {what}; restart the service"
+        if self.crashed:
+            out.append(self.crashed)
+        return out
+
+    async def _refresh_status(self, force: bool = False) -> None:
+        """Send the STATUS= one-liner (journal counts at most every STATUS_REFRESH_S)."""
+        now = self.clock.monotonic()
+        if force or now - self._status_at >= STATUS_REFRESH_S:
+            self._status_at = now
+            if self.journal is not None:
+                try:
+                    counts = await self.journal.counts()
+                except JournalError:
+                    counts = {}
+                self._status_counts = (sum(c.get("delivered", 0) for c in counts.values()),
+                                       sum(c.get("dead", 0) for c in counts.values()))
+        self.notifier.status(self.status_text())
+
+    def status_text(self) -> str:
+        """Instances ready/total, queued, success rate, api-blast's state."""
+        now = self.clock.monotonic()
+        timeout = self.cfg.session.connection_timeout_s
+        known = self.sessions.known()
+        ready = sum(1 for i in known
+                    if self.sessions.get(i).view_state(now, timeout) is SessionState.READY)
+        delivered, dead = self._status_counts
+        api_blast = self.recovery.api_blast.value if self.recovery else "unknown"
+        dups = sum(len(d.pids) for d in self.procwatch.duplicates) if self.procwatch else 0
+        return status_line(ready=ready, total=len(known), queued=replayer_total(self.replayer),
+                           delivered=delivered, dead=dead, api_blast=api_blast,
+                           duplicates=dups)
+
+    async def reload(self, load: Callable[[], Config]) -> bool:
+        """SIGHUP: re-read the configuration and apply it without dropping a connection or a
+        message. A file with errors is refused (the errors are logged, the old one stays)."""
+        async with self._reload_lock:
+            if not self.ready.is_set() or self.stopping:
+                log.warning("reload ignored: the daemon is %s",
+                            "stopping" if self.stopping else "still starting")
+                return False
+            self.notifier.reloading()
+            try:
+                try:
+                    new = await asyncio.to_thread(load)
+                except ConfigError as exc:
+                    for line in exc.errors:
+                        log.error("reload refused, the running configuration stays: %s", line)
+                    return False
+                self.reconfigure(new)
+                return True
+            finally:
+                self.notifier.ready()
+                await self._refresh_status(force=True)
+
+    def reconfigure(self, new: Config) -> list[str]:
+        """Apply a new configuration in place; returns the changed keys needing a restart."""
+        effective, restart = reload_plan(self.cfg, new)
+        self.cfg = cfg = effective
+        self.rules = events.compile_rules(
+            (r.name, r.pattern, r.event, r.code) for r in cfg.parser.rules)
+        self.sessions.reconfigure(cfg.session)
+        if self.replayer is not None:
+            self.replayer.reconfigure(cfg.queue)
+        self.auth.reconfigure(cfg.auth)
+        if self.proxy is not None:
+            self.proxy.reconfigure(cfg)
+        self.api.cfg = cfg
+        if self.procwatch is not None:
+            self.procwatch.reconfigure(cfg.process, cfg.upstream.url)
+        if self.recovery is not None:
+            self.recovery.reconfigure(cfg.recovery, cfg.session)
+        self.reloads += 1
+        for key in restart:
+            log.warning("reload: %s changed but is only read at startup: restart the service "
+                        "to apply it (systemctl restart blast-supervisor)", key)
+        log.info("configuration reloaded (reload %d)%s", self.reloads,
+                 f"; {len(restart)} change(s) wait for a restart" if restart else "")
+        return restart
+
+    def _add_test_hooks(self, app: web.Application) -> None:
+        """Routes that let tests wedge the daemon the way a bug would (``run --test-hooks``)."""
+
+        async def block_loop(request: web.Request) -> web.Response:
+            seconds = min(60.0, float(request.query.get("seconds", "1")))
+            log.warning("test hook: blocking the event loop for %.1f s", seconds)
+            _block_event_loop(seconds)
+            return web.json_response({"blocked_s": seconds})
+
+        async def stop_component(request: web.Request) -> web.Response:
+            name = request.query.get("name", "")
+            task = self.components.get(name)
+            if task is None:
+                return web.json_response(
+                    {"error": f"no component {name!r}; one of {sorted(self.components)}"},
+                    status=404)
+            log.warning("test hook: cancelling the %s loop", name)
+            task.cancel()
+            return web.json_response({"stopped": name})
+
+        app.router.add_post("/supervisor/_test/block-loop", block_loop)
+        app.router.add_post("/supervisor/_test/stop-component", stop_component)
 
     async def shutdown(self) -> None:
         """Ordered shutdown with a deadline."""
         log.info("shutting down")
+        # 0. Tell systemd (STOPPING=1): no watchdog ping is expected from here on.
+        self.notifier.stopping()
         # 1. Stop picking replay work; in-flight attempts go on.
         if self.replayer is not None:
             self.replayer.request_stop()
@@ -191,49 +515,143 @@ class Supervisor:
             await self.journal.close()
         log.info("stopped")
 
+    # ------------------------------------------------------------------ monitoring (issue 5)
+
+    def _on_settled(self, lane: Lane, progress: Progress) -> None:
+        """An attempt was recorded: finished messages and drained queues feed the metrics,
+        and the cached success-rate figures are stale."""
+        self.metrics.on_settled(lane.instance_id, progress.state.value, progress.attempts,
+                                lane.depth + lane.pending, self.clock.monotonic())
+        if progress.state in (MessageState.DELIVERED, MessageState.DEAD):
+            self.api.stats.invalidate()
+
+    async def _monitoring_loop(self) -> None:
+        """Sample queue depths (backlog rule) and prune outcomes older than the window."""
+        pruned_at = -float("inf")
+        while True:
+            mon = self.cfg.monitoring
+            self.api.sample_depths()
+            now = self.clock.monotonic()
+            if now - pruned_at >= OUTCOME_PRUNE_S:
+                pruned_at = now
+                try:
+                    await self.api.stats.prune(mon.window_s)
+                except JournalError as exc:
+                    log.warning("could not prune old outcomes: %s", exc.cause)
+            if await self.clock.wait(self._stop, min(10.0, mon.backlog_window_s / 10)):
+                return
+
     # ------------------------------------------------------------------ log input
 
-    async def on_lines(self, lines: list[str], first_line_no: int) -> None:
-        """Parse new log lines and apply their events."""
-        for record in self.assembler.feed(lines, first_line_no):
-            ev = events.parse(record.text, self.rules)
-            if ev is not None:
-                self.apply_event(ev, record.line)
+    def _make_intake(self) -> Intake:
+        return Intake(self.cfg.log_source, self.attributor, lambda: self.rules, self._context,
+                      self._apply_found, self._commit_log, self.clock,
+                      on_record=lambda rec: self.metrics.on_record(rec.text))
 
-    def apply_event(self, ev: events.Event, line: int = 0) -> None:
-        """Attribute an event, update sessions, wake the lanes it concerns."""
+    def _make_source(self) -> Source:
+        src = self.cfg.log_source
+        if src.type == "file":
+            return FileSource(src, self._load_position, self.clock)
+        if src.type == "command":
+            return CommandSource(src, self.clock)
+        if src.type == "journald":
+            assert src.unit is not None
+            key = journald_stream(src.unit)
+            return JournaldSource(src, self.cfg.state_dir, lambda: self._load_position(key),
+                                  self.clock)
+        return StdinSource(src.max_line_bytes)
+
+    async def _sink(self, batch: Batch) -> TailPosition | None:
+        """Every batch of log lines goes through here."""
+        self.metrics.on_lines(len(batch.lines))
+        assert self.intake is not None
+        return await self.intake(batch)
+
+    async def _load_position(self, key: str) -> TailPosition | None:
+        assert self.journal is not None
+        try:
+            return await self.journal.load_position(key)
+        except JournalError as exc:  # a storage fault must not stop the daemon
+            log.error("log position of %s unknown (journal: %s)", key, exc.cause)
+            return None
+
+    async def _restore_sessions(self) -> None:
+        """Session states stored with the last log position (before the replay starts)."""
+        assert self.journal is not None
+        try:
+            stored = await self.journal.load_sessions()
+            recent = await self.journal.recent_events(RECENT_EVENTS)
+        except JournalError as exc:
+            log.error("session states not restored (journal: %s)", exc.cause)
+            return
+        self.restored_sessions = self.sessions.restore(stored, self.clock.monotonic(),
+                                                       self.clock.time())
+        for r in recent:
+            self.recent_events.append({"t": r.t, "event": r.event, "instance_id": r.instance_id,
+                                       "code": r.code, "attribution": r.attribution,
+                                       "rule": r.rule})
+        if self.restored_sessions:
+            log.info("restored the session state of %d instances", self.restored_sessions)
+
+    def _context(self) -> tuple[list[str], list[str], dict[str, str]]:
+        """What attribution needs: known instances, those with traffic, their phone jids."""
         assert self.replayer is not None
         lanes = self.replayer.lanes
-        known = sorted(set(self.sessions.known()) | set(lanes))
-        attributed = attribution.attribute(ev, known, sorted(lanes), self.auth.jids)
-        now = self.clock.monotonic()
-        if not attributed:
-            log.debug("event %s (line %d) names no instance and none could be inferred",
-                      ev.kind.value, line)
-        for e in attributed:
-            changed = self.sessions.apply(e, now)
-            self.replayer.wake(changed)
-            self.recent_events.append({
-                "t": self.clock.time(), "event": e.kind.value, "instance_id": e.instance_id,
-                "code": e.code, "attribution": e.attribution, "rule": e.rule})
-            log.info("session %s: %s%s (%s)", e.instance_id or "*", e.kind.value,
-                     f" {e.code}" if e.code else "", e.attribution)
+        return sorted(set(self.sessions.known()) | set(lanes)), sorted(lanes), self.auth.jids
 
-    async def _read_stdin(self) -> None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=1024 * 1024)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        n = 0
-        while not reader.at_eof():
+    def apply_event(self, ev: events.Event, line: int = 0) -> None:
+        """Attribute an event that did not come from the log source (a process restart seen
+        by psutil), apply it and store the result."""
+        known, traffic, jids = self._context()
+        attributed = attribution.attribute(ev, known, traffic, jids,
+                                           strategies=self.cfg.parser.attribution)
+        changed: set[str] = set()
+        found = [Found(e, "supervisor", line) for e in attributed]
+        for f in found:
+            changed.update(self._apply_found(f))
+        self._persist(changed, found)
+
+    def _apply_found(self, f: Found) -> list[str]:
+        """Apply one attributed event: sessions, lanes, metrics, the recent-events list."""
+        assert self.replayer is not None
+        e = f.event
+        now = self.clock.monotonic()
+        changed = self.sessions.apply(e, now)
+        self.replayer.wake(changed)
+        lane = self.replayer.lanes.get(e.instance_id or "")
+        self.metrics.on_event(e, lane.depth if lane else 0, now)
+        self.recent_events.append({
+            "t": self.clock.time(), "event": e.kind.value, "instance_id": e.instance_id,
+            "code": e.code, "attribution": e.attribution, "rule": e.rule})
+        log.info("session %s: %s%s (%s, %s line %d)", e.instance_id or "*", e.kind.value,
+                 f" {e.code}" if e.code else "", e.attribution, f.stream, f.line)
+        return changed
+
+    async def _commit_log(self, stream: str, mark: TailPosition | None, changed: set[str],
+                          found: list[Found]) -> None:
+        """Store the session changes and events of a batch with the position after it."""
+        assert self.journal is not None
+        now_wall = self.clock.time()
+        snapshot = self.sessions.snapshot(changed, self.clock.monotonic(), now_wall)
+        applied = [EventRecord(now_wall, f.stream, f.line, f.event.kind.value,
+                               f.event.instance_id, f.event.code, f.event.attribution,
+                               f.event.rule) for f in found]
+        await self.journal.commit_log(stream, mark, snapshot, applied, now_wall)
+
+    def _persist(self, changed: set[str] | list[str], found: list[Found]) -> None:
+        """Store session changes made outside the log intake, in the background."""
+        if not changed and not found:
+            return
+
+        async def store() -> None:
             try:
-                raw = await reader.readline()
-            except ValueError:  # a line over the limit: skip it
-                log.warning("skipped a log line over 1 MiB on stdin")
-                continue
-            if not raw.endswith(b"\n"):
-                break
-            n += 1
-            await self.on_lines([raw[:-1].decode("utf-8", "replace")], n)
+                await self._commit_log("supervisor", None, set(changed), found)
+            except JournalError as exc:
+                log.warning("session state not stored (journal: %s)", exc.cause)
+
+        task = asyncio.get_running_loop().create_task(store(), name="persist-sessions")
+        self._persisting.add(task)
+        task.add_done_callback(self._persisting.discard)
 
     # ------------------------------------------------------------------ sending
 
@@ -243,15 +661,18 @@ class Supervisor:
                                         self.cfg.queue.processing_timeout_s)
 
 
-async def run_forever(cfg: Config) -> int:
+async def run_forever(cfg: Config, load: Callable[[], Config] | None = None,
+                      notifier: Notifier | None = None, test_hooks: bool = False) -> int:
     """``blast-supervisor run``: start, serve until a signal, shut down. Returns the exit code.
 
-    A second SIGTERM/SIGINT exits at once (exit code 1).
+    A second SIGTERM/SIGINT exits at once (exit code 1). SIGHUP reloads the configuration
+    with ``load`` (without it, SIGHUP is logged and ignored).
     """
     import signal
 
-    sup = Supervisor(cfg)
+    sup = Supervisor(cfg, notifier=notifier, test_hooks=test_hooks)
     loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[bool]] = set()
 
     def on_signal() -> None:
         if sup.stopping:
@@ -259,8 +680,18 @@ async def run_forever(cfg: Config) -> int:
             os._exit(1)
         sup.request_stop()
 
+    def on_hup() -> None:
+        if load is None:
+            log.warning("SIGHUP: no configuration file to reload (run -c FILE)")
+            return
+        log.info("SIGHUP: reloading the configuration")
+        task = loop.create_task(sup.reload(load), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     code = 0
     try:
         await sup.startup()

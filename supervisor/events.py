@@ -68,22 +68,64 @@ def kind_for_code(code: int) -> EventKind:
     return EventKind.DISCONNECTED
 
 
+# What a Boom message means when its status code is not visible (``[Object]``-collapsed
+# dumps, ``err.toString()`` lines, pino ``trace`` strings). First matching prefix wins.
+BOOM_MESSAGES: tuple[tuple[str, EventKind, int | None], ...] = (
+    # 440 for ``conflict type=replaced`` but 401 for ``device_removed``: without the status
+    # code it is reported as a conflict with an unknown code (both hold sends until ready).
+    ("Stream Errored (conflict)", EventKind.CONFLICT, None),
+    ("Stream Errored (restart required)", EventKind.RESTART_REQUIRED, 515),
+    ("Stream Errored", EventKind.DISCONNECTED, None),  # (unknown), (ack): 500, 503, ...
+    ("Connection Terminated", EventKind.DISCONNECTED, 428),
+    ("Connection Closed", EventKind.DISCONNECTED, 428),
+    ("Connection was lost", EventKind.DISCONNECTED, 408),
+    ("Timed Out", EventKind.DISCONNECTED, 408),
+    ("QR refs attempts ended", EventKind.DISCONNECTED, 408),
+    ("Intentional Logout", EventKind.LOGGED_OUT, 401),
+    # A ``<failure reason=…>`` node: 401 logged out, 403, 405, 411, 500… The reason is only in
+    # the status code; the dump api-blast prints next to it carries it (attributed as adjacent).
+    ("Connection Failure", EventKind.DISCONNECTED, None),
+    ("WebSocket Error", EventKind.DISCONNECTED, None),  # 408 on timeouts, else the HTTP code
+)
+
+
+def classify_message(message: str) -> tuple[EventKind, int | None]:
+    """The event a close with this Boom message means, with its code when the message fixes
+    it. Any other message (``undefined`` included: the app ended the socket itself) is a drop
+    with an unknown code."""
+    text = message.strip()
+    for prefix, kind, code in BOOM_MESSAGES:
+        if text.startswith(prefix):
+            return kind, code
+    return EventKind.DISCONNECTED, None
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """A console pattern. ``kind`` None means: decided by the ``code`` group or ``code``."""
+    """A console pattern, searched in each record.
+
+    ``kind`` None means the match decides: a ``code`` group (or the fixed ``code``) through
+    :func:`kind_for_code`, else a ``message`` group through :func:`classify_message`, else
+    ``fallback``. ``ignore`` rules match records that must give no event at all.
+    """
 
     name: str
     pattern: re.Pattern[str]
     kind: EventKind | None
     code: int | None = None
+    fallback: EventKind | None = None
+    ignore: bool = False
 
 
-def rule(name: str, pattern: str, kind: EventKind | None, code: int | None = None) -> Rule:
+def rule(name: str, pattern: str, kind: EventKind | None, code: int | None = None,
+         fallback: EventKind | None = None) -> Rule:
     """Build a :class:`Rule` from a pattern string."""
-    return Rule(name, re.compile(pattern), kind, code)
+    return Rule(name, re.compile(pattern), kind, code, fallback)
 
 
 _ID = r"(?P<instance_id>[0-9A-Za-z]{10,20})"
+_CLOSE_PREFIX = r"(?:Last disconnect error|Connection closed, reason|connection closed due to)"
+_ERROR_NAME = r"(?:[A-Z]\w*)?Error(?: \[\w+\])?: "
 
 # Ordered: the first rule that matches a record wins.
 DEFAULT_RULES: tuple[Rule, ...] = (
@@ -108,22 +150,59 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     rule("variant_circuit_breaker", rf"Circuit breaker activated for: {_ID}",
          EventKind.DISCONNECTED),
     # Lines without an instance id (attributed later).
+    rule("variant_status_code",
+         r"^Handling other disconnect reasons, status code: (?P<code>\d{3})", None),
     rule("variant_opened", r"Connection opened successfully", EventKind.READY),
+    rule("variant_user_info", r"^User info: \{ id: '", EventKind.READY),
     rule("variant_logged_out", r"^User logged out, cleaning session", EventKind.LOGGED_OUT, 401),
     rule("stock_open_step_1", r"^OPEN STEP 1\b", EventKind.READY),
     rule("update_connecting", r"^Connection update: connecting\b", EventKind.CONNECTING),
+    rule("update_open", r"^Connection update: open\b", EventKind.READY),
     rule("update_qr", r"^Connection update: \w+ QR: Generated", EventKind.QR),
+    # ``connection.update`` with ``connection: 'close'``: the socket is gone. When it had an
+    # error, the dump printed right after carries its code (a second, exact event); when it had
+    # none (real installs print ``Connection closed, reason: undefined`` next), api-blast ended
+    # the socket itself (a session deleted, a logout). Either way the instance is not connected
+    # now, so this is a drop with an unknown code rather than nothing: a held send waits for the
+    # next ready signal (or, on a guess, for a probe) instead of going into a closed socket.
+    rule("update_close", r"^Connection update: close\b", EventKind.DISCONNECTED),
+    # An error printed with a close, without a visible statusCode: its message decides.
+    rule("close_reason",
+         rf"^{_CLOSE_PREFIX}:?\s+(?:{_ERROR_NAME})?(?P<message>[^\n]*)", None),
+    # ``console.log(update)`` of apps written from the Baileys README: ``output`` collapses to
+    # ``[Object]``, so only the error's message text is left to read.
+    rule("update_dump_close",
+         r"^\{[\s\S]*?\bconnection: 'close'"
+         rf"(?:[\s\S]*?\berror: {_ERROR_NAME}(?P<message>[^\n]*))?",
+         None, fallback=EventKind.DISCONNECTED),
+    rule("update_dump_open", r"^\{[\s\S]*?\bconnection: 'open'", EventKind.READY),
+    rule("update_dump_connecting", r"^\{[\s\S]*?\bconnection: 'connecting'",
+         EventKind.CONNECTING),
+    rule("update_dump_qr", r"^\{[\s\S]*?\bqr: '", EventKind.QR),
     rule("readme_opened", r"^opened connection\s*$", EventKind.READY),
 )
 
+IGNORE = "ignore"  # the ``event`` of an operator rule that silences the records it matches
+
 
 def compile_rules(extra: Iterable[tuple[str, str, str, int | None]]) -> tuple[Rule, ...]:
-    """Operator rules (name, pattern, event, code) first, then the defaults."""
-    own = tuple(rule(n, p, EventKind(e), c) for n, p, e, c in extra)
-    return own + DEFAULT_RULES
+    """Operator rules (name, pattern, event, code) first, then the defaults.
+
+    An operator rule named like a built-in one replaces it; ``event: ignore`` makes the records
+    it matches give no event.
+    """
+    own: list[Rule] = []
+    for name, pattern, event, code in extra:
+        if event == IGNORE:
+            own.append(Rule(name, re.compile(pattern), None, code, ignore=True))
+        else:
+            own.append(rule(name, pattern, EventKind(event), code))
+    names = {r.name for r in own}
+    return tuple(own) + tuple(r for r in DEFAULT_RULES if r.name not in names)
 
 
-_JID = re.compile(r"id: '(?P<jid>[0-9]+(?::[0-9]+)?@s\.whatsapp\.net)'")
+_JID = re.compile(r"\bid: '(?P<jid>[0-9]+(?::[0-9]+)?@s\.whatsapp\.net)'")
+_JSON_DECODER = json.JSONDecoder()
 
 
 def parse(record: str, rules: Sequence[Rule] = DEFAULT_RULES) -> Event | None:
@@ -131,49 +210,75 @@ def parse(record: str, rules: Sequence[Rule] = DEFAULT_RULES) -> Event | None:
     text = record.strip()
     if not text:
         return None
-    if text[0] == "{" and text[-1] == "}" and '"msg"' in text:
-        obj = _json_object(text)
+    brace = text.find('{"')
+    if brace >= 0 and text[-1] == "}":
+        obj = _json_object(text, brace)
         if obj is not None:
-            return parse_pino(obj)
+            if "msg" in obj:
+                return parse_pino(obj)
+            if obj.get("isBoom") is True:
+                return parse_boom_json(obj)
     for r in rules:
         m = r.pattern.search(text)
         if m is None:
             continue
-        groups = m.groupdict()
-        code = int(groups["code"]) if groups.get("code") else r.code
-        kind = r.kind if r.kind is not None else (kind_for_code(code) if code else None)
-        if kind is None:
-            continue
-        instance_id = groups.get("instance_id")
-        jid_match = _JID.search(text) if r.name == "stock_open_step_1" else None
-        return Event(
-            kind,
-            instance_id,
-            code,
-            ATTRIBUTION_ID if instance_id else ATTRIBUTION_NONE,
-            r.name,
-            jid_match.group("jid") if jid_match else None,
-        )
+        if r.ignore:
+            return None
+        event = _from_match(r, m, text)
+        if event is not None:
+            return event
     return None
 
 
-def _json_object(text: str) -> dict[str, Any] | None:
+def _from_match(r: Rule, m: re.Match[str], text: str) -> Event | None:
+    groups = m.groupdict()
+    code = int(groups["code"]) if groups.get("code") else r.code
+    kind = r.kind
+    if kind is None:
+        if code is not None:
+            kind = kind_for_code(code)
+        elif groups.get("message") is not None:
+            kind, code = classify_message(groups["message"])
+        else:
+            kind = r.fallback
+    if kind is None:
+        return None
+    instance_id = groups.get("instance_id")
+    jid_match = _JID.search(text)
+    return Event(
+        kind,
+        instance_id,
+        code,
+        ATTRIBUTION_ID if instance_id else ATTRIBUTION_NONE,
+        r.name,
+        jid_match.group("jid") if jid_match else None,
+    )
+
+
+def _json_object(text: str, start: int) -> dict[str, Any] | None:
     try:
-        obj = json.loads(text)
+        obj, end = _JSON_DECODER.raw_decode(text, start)
     except ValueError:
+        return None
+    if end != len(text):
         return None
     return obj if isinstance(obj, dict) else None
 
 
-# ``connection errored`` traces whose first line names the Boom message; ``Stream Errored``
-# messages are skipped there because the preceding ``stream errored out`` line carries the code.
-_TRACE_CODES = {
-    "Connection Terminated": 428,
-    "Connection Closed": 428,
-    "Connection was lost": 408,
-    "QR refs attempts ended": 408,
-    "Timed Out": 408,
-}
+def parse_boom_json(obj: dict[str, Any]) -> Event | None:
+    """``JSON.stringify(lastDisconnect.error)``: no message, no stack; ``output`` has the code."""
+    output = obj.get("output")
+    if not isinstance(output, dict):
+        return None
+    raw = output.get("statusCode")
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return Event(kind_for_code(raw), None, raw, ATTRIBUTION_NONE, "boom_json")
+    payload = output.get("payload")
+    message = payload.get("message") if isinstance(payload, dict) else None
+    if isinstance(message, str):
+        kind, code = classify_message(message)
+        return Event(kind, None, code, ATTRIBUTION_NONE, "boom_json")
+    return None
 
 
 def parse_pino(obj: dict[str, Any]) -> Event | None:
@@ -194,12 +299,17 @@ def parse_pino(obj: dict[str, Any]) -> Event | None:
         code = stream_error_code(obj)
         kind = kind_for_code(code)
     elif msg == "connection errored":
+        # ``trace`` is the error's stack: its first line is ``Error: <Boom message>``; the
+        # status code is not in it. ``Stream Errored`` closes are skipped: the ``stream errored
+        # out`` line just before has their exact code.
         first = str(obj.get("trace", "")).split("\n", 1)[0]
         message = first.removeprefix("Error: ").strip()
         if message.startswith("Stream Errored"):
             return None
-        code = _TRACE_CODES.get(message)
-        kind = EventKind.DISCONNECTED
+        if message:
+            kind, code = classify_message(message)
+        else:
+            kind = EventKind.DISCONNECTED
     elif msg == "connection closed":
         kind = EventKind.DISCONNECTED
     if kind is None:

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
+import fcntl
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -29,6 +33,10 @@ T = TypeVar("T")
 
 JOURNAL_FILE = "journal.sqlite3"
 MAX_BATCH = 512  # operations per transaction; bounds the time one commit holds the writer
+BUSY_TIMEOUT_MS = 2000  # how long a write waits for a lock held by another process
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is truncated to this after a checkpoint
+FAULT_PROBE_BYTES = 64 * 1024  # while a storage fault is known, the probe writes this much
+PRUNE_BATCH = 5000  # rows deleted per transaction when pruning
 
 
 class MessageState(StrEnum):
@@ -46,11 +54,22 @@ ACTIVE_STATES = (MessageState.QUEUED, MessageState.SENDING, MessageState.UNKNOWN
 
 
 class JournalError(Exception):
-    """The journal could not store or read something; ``cause`` says why, for a 503 answer."""
+    """The journal could not store or read something; ``cause`` says why, for a 503 answer.
 
-    def __init__(self, cause: str) -> None:
+    ``fault``: the storage itself is failing (disk full, read-only, missing, corrupt, locked,
+    over ``limits.max_journal_bytes``); it lasts until a probe write succeeds.
+    ``permanent``: waiting will not help (a newer schema, another daemon on the directory).
+    """
+
+    def __init__(self, cause: str, *, fault: bool = False, permanent: bool = False) -> None:
         super().__init__(cause)
         self.cause = cause
+        self.fault = fault
+        self.permanent = permanent
+
+
+class KeyInUse(JournalError):
+    """An ``Idempotency-Key`` was stored meanwhile by another request (answer 409)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,15 +124,92 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class TailPosition:
-    """Where a log source was read up to."""
+    """Where a log source was read up to: a file (device, inode, a hash of its first bytes,
+    the offset) or, for the systemd journal, the cursor of the last entry handled."""
 
     device: int
     inode: int
     head_hash: str
     offset: int
+    cursor: str | None = None
 
 
-_SCHEMA_VERSION = 1
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """One instance's session state as stored; times are epoch seconds (wall clock)."""
+
+    instance_id: str
+    state: str
+    code: int | None
+    changed_at: float | None
+    hold_until: float | None  # end of a conflict delay
+    ready_pending: bool
+    guessed: bool
+    probe_at: float | None
+    probe_failures: int
+    dropped_at: float | None
+    last_event: str | None
+    last_event_at: float | None
+    conflicts: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """A session event as applied (``source`` and ``line``: where its record started)."""
+
+    t: float
+    source: str
+    line: int
+    event: str
+    instance_id: str | None
+    code: int | None
+    attribution: str
+    rule: str
+
+
+EVENTS_KEPT = 10_000  # session_events rows kept (the oldest are deleted beyond this)
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """An ``Idempotency-Key`` to store with a new send, and what identifies its request."""
+
+    key: str
+    fingerprint: str  # a hash of method, path, query (minus the token) and body
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """An ``Idempotency-Key`` already used for an instance, with the answer it got."""
+
+    message_id: str
+    fingerprint: str
+    created_at: float
+    status: int | None  # the first answer; None when the daemon died before answering
+    content_type: str | None
+    body: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class AdminChange:
+    """The result of an admin change to one message."""
+
+    before: MessageState | None  # None: no such message
+    row: MessageRow | None  # the row after the change, when it was made
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeRow:
+    """Finished messages of one instance (see ``supervisor/stats.py``)."""
+
+    delivered: int  # delivered, after any number of attempts
+    first_attempt: int  # delivered by the first real send
+    dead: int  # gave up
+    attempts: int  # real sends these messages needed
+    since: float | None = None  # first outcome counted (totals only)
+
+
+_SCHEMA_VERSION = 4
 
 _MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
@@ -149,6 +245,88 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
             updated_at REAL NOT NULL
         )""",
     ),
+    # Outcome accounting (stats.py): one row per finished message, written with its state;
+    # totals kept apart so that pruning old rows does not change them. Existing finished
+    # messages are counted at once.
+    2: (
+        """CREATE TABLE outcomes (
+            message_id TEXT PRIMARY KEY,
+            instance_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            finished_at REAL NOT NULL
+        )""",
+        "CREATE INDEX outcomes_finished ON outcomes(finished_at)",
+        """CREATE TABLE outcome_totals (
+            instance_id TEXT PRIMARY KEY,
+            delivered INTEGER NOT NULL DEFAULT 0,
+            first_attempt INTEGER NOT NULL DEFAULT 0,
+            dead INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            since REAL NOT NULL
+        )""",
+        "INSERT INTO outcomes (message_id, instance_id, state, attempts, finished_at) "
+        "SELECT id, instance_id, state, attempts, COALESCE(delivered_at, updated_at) "
+        "FROM messages WHERE state IN ('delivered', 'dead')",
+        "INSERT INTO outcome_totals (instance_id, delivered, first_attempt, dead, attempts, "
+        "since) SELECT instance_id, SUM(state = 'delivered'), "
+        "SUM(state = 'delivered' AND attempts = 1), SUM(state = 'dead'), SUM(attempts), "
+        "MIN(finished_at) FROM outcomes GROUP BY instance_id",
+    ),
+    3: (
+        # Idempotency-Key: one row per (instance, key), stored with its message in one
+        # transaction; the first answer is added once known.
+        """CREATE TABLE idempotency_keys (
+            instance_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            answer_status INTEGER,
+            answer_content_type TEXT,
+            answer_body BLOB,
+            PRIMARY KEY (instance_id, key)
+        )""",
+        "CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at)",
+        "CREATE INDEX idempotency_keys_message ON idempotency_keys(message_id)",
+        "CREATE TABLE paused_instances (instance_id TEXT PRIMARY KEY, paused_at REAL NOT NULL)",
+        # One row rewritten by the storage probe: a write that must reach the disk.
+        "CREATE TABLE storage_probe (id INTEGER PRIMARY KEY, data BLOB NOT NULL)",
+        "CREATE INDEX messages_finished ON messages(state, updated_at)",
+    ),
+    4: (
+        # Session state per instance and the events that produced it, written in the same
+        # transaction as the log position they came from (a crash neither replays nor skips).
+        """CREATE TABLE sessions (
+            instance_id TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            code INTEGER,
+            changed_at REAL,
+            hold_until REAL,
+            ready_pending INTEGER NOT NULL,
+            guessed INTEGER NOT NULL,
+            probe_at REAL,
+            probe_failures INTEGER NOT NULL,
+            dropped_at REAL,
+            last_event TEXT,
+            last_event_at REAL,
+            conflicts TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE session_events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            t REAL NOT NULL,
+            source TEXT NOT NULL,
+            line INTEGER NOT NULL,
+            event TEXT NOT NULL,
+            instance_id TEXT,
+            code INTEGER,
+            attribution TEXT NOT NULL,
+            rule TEXT NOT NULL
+        )""",
+        # The systemd journal's cursor (log_source.type: journald).
+        "ALTER TABLE tail_positions ADD COLUMN cursor TEXT",
+    ),
 }
 
 _COLUMNS = (
@@ -168,15 +346,37 @@ def _row(r: Sequence[Any]) -> MessageRow:
     )
 
 
+def _save_position(conn: sqlite3.Connection, source: str, pos: TailPosition,
+                   now: float) -> None:
+    conn.execute(
+        "INSERT INTO tail_positions (source, device, inode, head_hash, offset, cursor, "
+        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(source) DO UPDATE SET "
+        "device = excluded.device, inode = excluded.inode, head_hash = excluded.head_hash, "
+        "offset = excluded.offset, cursor = excluded.cursor, updated_at = excluded.updated_at",
+        (source, pos.device, pos.inode, pos.head_hash, pos.offset, pos.cursor, now))
+
+
 def connect(path: Path) -> sqlite3.Connection:
-    """Open the database file with the durability settings, migrating its schema."""
+    """Open the database file with the durability settings, migrating its schema.
+
+    Raises ``sqlite3.Error`` or :class:`JournalError`; a missing file is created, a missing
+    directory is not (see :meth:`Journal.open`).
+    """
+    if not path.parent.is_dir():
+        raise JournalError(_missing_dir(path), fault=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 5000")
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise JournalError(f"{path}: could not switch the journal to WAL mode (got {mode})")
-    conn.execute("PRAGMA synchronous = FULL")
-    _migrate(conn)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise JournalError(f"{path}: could not switch the journal to WAL mode (got {mode})",
+                               fault=True)
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+        _migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -189,12 +389,14 @@ def _migrate(conn: sqlite3.Connection) -> None:
         if current > _SCHEMA_VERSION:
             raise JournalError(
                 f"the journal's schema version {current} is newer than this release "
-                f"understands ({_SCHEMA_VERSION}); upgrade blast-supervisor"
+                f"understands ({_SCHEMA_VERSION}); upgrade blast-supervisor",
+                permanent=True,
             )
         for version in range(current + 1, _SCHEMA_VERSION + 1):
             for statement in _MIGRATIONS[version]:
                 conn.execute(statement)
-            log.info("journal schema migrated to version %d", version)
+            if current:
+                log.info("journal schema migrated from version %d to %d", version - 1, version)
         if row is None:
             conn.execute("INSERT INTO schema_version VALUES (?)", (_SCHEMA_VERSION,))
         else:
@@ -208,30 +410,85 @@ def _migrate(conn: sqlite3.Connection) -> None:
 _Op = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
 _STOP = object()
 
+# SQLite result codes (``sqlite3.Error.sqlite_errorname`` prefixes) that mean the storage is
+# failing, and among them those after which the connection is closed and opened again.
+_FAULT_CODES = ("SQLITE_FULL", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_READONLY",
+                "SQLITE_IOERR", "SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CANTOPEN",
+                "SQLITE_PERM")
+_REOPEN_CODES = ("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CORRUPT", "SQLITE_NOTADB",
+                 "SQLITE_CANTOPEN")
+
+
+def _code(exc: BaseException) -> str:
+    return str(getattr(exc, "sqlite_errorname", "") or "")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, or None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
+
 
 class Journal:
-    """The SQLite journal behind one writer thread with group commit."""
+    """The SQLite journal behind one writer thread with group commit.
 
-    def __init__(self, path: Path, conn: sqlite3.Connection,
+    The writer thread owns the connection and opens it itself. When the storage fails
+    (:class:`JournalError` with ``fault``), :attr:`fault` says what is wrong until a probe
+    write (:meth:`check_writable`) commits again; after an I/O, read-only or corruption error
+    the connection is reopened before the next operation. A journal file deleted while open
+    (its state directory removed) is detected before each commit: nothing more is committed
+    to the deleted file, and the copy still open is written back to the same path once the
+    directory exists again. Only one process may use a state directory (``flock``).
+    """
+
+    def __init__(self, path: Path, conn: sqlite3.Connection | None = None,
                  on_commit: Callable[[float, int], None] | None = None) -> None:
         self.path = path
         self._conn = conn
+        self._identity = _identity(path) if conn is not None else None
+        self._orphan: sqlite3.Connection | None = None  # the open copy of a deleted file
+        self._lock_fd: int | None = None
+        self._lock_identity: tuple[int, int] | None = None
+        self._probed = False
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._on_commit = on_commit
+        self.fault: str | None = None  # what is failing, until a probe write commits
+        self.max_bytes: int | None = None  # limits.max_journal_bytes; None: no bound
+        self.opens = 0 if conn is None else 1  # successful opens of the database file
         self._thread = threading.Thread(target=self._writer, name="journal-writer", daemon=True)
         self._closed = False
         self._thread.start()
 
     @classmethod
     async def open(cls, state_dir: str | Path,
-                   on_commit: Callable[[float, int], None] | None = None) -> Journal:
-        """Open (creating if needed) ``state_dir/journal.sqlite3``."""
-        path = Path(state_dir) / JOURNAL_FILE
+                   on_commit: Callable[[float, int], None] | None = None, *,
+                   tolerate_faults: bool = False) -> Journal:
+        """Open (creating if needed) ``state_dir/journal.sqlite3``.
+
+        A failure raises :class:`JournalError`, unless ``tolerate_faults`` and it is a
+        storage fault: then the journal is returned unopened with :attr:`fault` saying why,
+        and each operation first tries to open it (the daemon serves and answers 503 until
+        the fault clears). A permanent error (newer schema, directory in use) always raises.
+        """
+        journal = cls(Path(state_dir) / JOURNAL_FILE, None, on_commit)
         try:
-            conn = await asyncio.to_thread(connect, path)
-        except sqlite3.Error as exc:
-            raise JournalError(f"{path}: cannot open the journal: {exc}") from exc
-        return cls(path, conn, on_commit)
+            # The writer thread is idle until the first call: opening from here is safe.
+            await asyncio.to_thread(journal._connection)
+        except JournalError as exc:
+            if exc.permanent or not tolerate_faults:
+                await journal.close()
+                raise
+            log.error("journal unavailable, serving without it until the fault clears: %s",
+                      exc.cause)
+        return journal
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the database file is open now."""
+        return self._conn is not None
 
     async def close(self) -> None:
         """Finish queued operations, then close the connection."""
@@ -258,7 +515,7 @@ class Journal:
         while True:
             first = self._queue.get()
             if first is _STOP:
-                self._conn.close()
+                self._shutdown()
                 return
             batch: list[_Op] = [first]
             stop = False
@@ -273,41 +530,185 @@ class Journal:
                 batch.append(nxt)
             self._run_batch(batch)
             if stop:
-                self._conn.close()
+                self._shutdown()
                 return
 
     def _run_batch(self, batch: list[_Op]) -> None:
         started = time.perf_counter()
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        conn = self._conn
+        self._probed = False
         try:
+            conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
+        except JournalError as exc:
+            self._resolve([(fut, None, exc) for _, fut in batch])
+            return
         except sqlite3.Error as exc:
-            err = JournalError(_describe(exc, self.path))
+            err = self._failed(exc)
             self._resolve([(fut, None, err) for _, fut in batch])
             return
-        for fn, fut in batch:
-            conn.execute("SAVEPOINT op")
-            try:
-                value = fn(conn)
-            except Exception as exc:  # one bad operation must not sink its batch-mates
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
-                results.append((fut, None, exc if isinstance(exc, JournalError)
-                                else JournalError(_describe(exc, self.path))))
-                continue
-            conn.execute("RELEASE op")
-            results.append((fut, value, None))
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
+            for fn, fut in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = fn(conn)
+                except Exception as exc:  # one bad operation must not sink its batch-mates
+                    if _code(exc).startswith(_REOPEN_CODES):
+                        raise  # the connection itself is failing: the batch cannot go on
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((fut, None, self._op_error(exc)))
+                    continue
+                conn.execute("RELEASE op")
+                results.append((fut, value, None))
+            self._check_identity()
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, JournalError) as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            err = JournalError(_describe(exc, self.path))
+            err = exc if isinstance(exc, JournalError) else self._failed(exc)
+            done = {id(fut) for fut, _, _ in results}
             results = [(fut, None, err) for fut, _, _ in results]
+            results += [(fut, None, err) for _, fut in batch if id(fut) not in done]
+        else:
+            if self._probed:
+                self.fault = None
         if self._on_commit is not None:
             self._on_commit(time.perf_counter() - started, len(batch))
         self._resolve(results)
+
+    def _connection(self) -> sqlite3.Connection:
+        """The open connection; (re)opens the file first when needed (writer thread)."""
+        if self._conn is not None:
+            return self._conn
+        try:
+            self._take_lock()
+            if self._orphan is not None:
+                self._write_back_orphan()
+            conn = connect(self.path)
+        except JournalError as exc:
+            raise self._noted(exc) from exc
+        except sqlite3.Error as exc:
+            raise self._noted(JournalError(_describe(exc, self.path), fault=True)) from exc
+        except OSError as exc:
+            raise self._noted(JournalError(f"cannot open {self.path}: {exc.strerror}",
+                                           fault=True)) from exc
+        self._conn, self._identity = conn, _identity(self.path)
+        self.opens += 1
+        if self.opens > 1:
+            log.warning("journal %s opened again", self.path)
+        return conn
+
+    def _take_lock(self) -> None:
+        """One process per state directory: two daemons on one journal would send the same
+        messages twice. The lock (``flock`` on the directory) goes with the process."""
+        directory = self.path.parent
+        ident = _identity(directory)
+        if ident is None:
+            raise JournalError(_missing_dir(self.path), fault=True)
+        if self._lock_fd is not None and ident == self._lock_identity:
+            return
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise JournalError(
+                    f"another process holds the state directory {directory} (a second "
+                    f"blast-supervisor?); stop it first: two daemons on one journal would "
+                    f"send the same messages twice", permanent=True) from exc
+            raise
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        self._lock_fd, self._lock_identity = fd, ident
+
+    def _check_identity(self) -> None:
+        """Refuse to commit into a journal file that is no longer at its path."""
+        ident = _identity(self.path)
+        if ident == self._identity:
+            return
+        self._orphan, self._conn = self._conn, None
+        if ident is None:
+            cause = (f"the journal file {self.path} was deleted while open (was the state "
+                     f"directory removed?); nothing is stored until {self.path.parent} "
+                     f"exists again, then the open copy is written back")
+        else:
+            cause = (f"{self.path} was replaced by another file while open; move that file "
+                     f"away (the open copy is then written back) or restart the supervisor "
+                     f"to use it")
+        raise self._noted(JournalError(cause, fault=True))
+
+    def _write_back_orphan(self) -> None:
+        """Write the open copy of a deleted journal file back to its path (atomically)."""
+        assert self._orphan is not None
+        if self.path.exists():
+            raise JournalError(
+                f"{self.path} was replaced by another file while open; move that file away "
+                f"(the open copy is then written back) or restart the supervisor to use it",
+                fault=True)
+        with contextlib.suppress(sqlite3.Error):
+            self._orphan.execute("ROLLBACK")
+        tmp = self.path.with_name(self.path.name + ".restoring")
+        tmp.unlink(missing_ok=True)
+        dst = sqlite3.connect(tmp)
+        try:
+            self._orphan.backup(dst)
+        except BaseException:
+            dst.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        dst.close()
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)  # the rename itself must survive a power cut
+        finally:
+            os.close(dir_fd)
+        self._orphan.close()
+        self._orphan = None
+        log.warning("journal %s written back from the copy that was still open", self.path)
+
+    def _op_error(self, exc: Exception) -> JournalError:
+        if isinstance(exc, JournalError):
+            return self._noted(exc) if exc.fault else exc
+        if isinstance(exc, sqlite3.Error):
+            return self._failed(exc)
+        return JournalError(_describe(exc, self.path))
+
+    def _failed(self, exc: sqlite3.Error) -> JournalError:
+        """A JournalError for ``exc``; a storage fault is noted, and after an I/O, read-only
+        or corruption error the connection is dropped to be opened again."""
+        code = _code(exc)
+        err = JournalError(_describe(exc, self.path), fault=code.startswith(_FAULT_CODES))
+        if code.startswith(_REOPEN_CODES) and self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+        return self._noted(err) if err.fault else err
+
+    def _noted(self, err: JournalError) -> JournalError:
+        if self.fault != err.cause:
+            log.error("journal storage fault: %s", err.cause)
+        self.fault = err.cause
+        return err
+
+    def _shutdown(self) -> None:
+        if self._orphan is not None:
+            try:
+                self._take_lock()
+                self._write_back_orphan()
+            except (JournalError, sqlite3.Error, OSError) as exc:
+                log.critical("the journal file %s was deleted and could not be written back "
+                             "before exit (%s): sends it held are lost", self.path, exc)
+                self._orphan.close()
+        if self._conn is not None:
+            self._conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     @staticmethod
     def _resolve(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -328,13 +729,42 @@ class Journal:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle)
 
+    def _check_room(self, conn: sqlite3.Connection, nbytes: int) -> None:
+        """Refuse ``nbytes`` more when the live rows would pass :attr:`max_bytes`."""
+        if self.max_bytes is None:
+            return
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        used = page_size * (pages - free)
+        if used + nbytes > self.max_bytes:
+            raise JournalError(
+                f"the journal holds {used} bytes of live rows, the limit is "
+                f"limits.max_journal_bytes = {self.max_bytes}; new sends are refused until "
+                f"finished rows are pruned (queue.retention_s) or dead ones are settled, "
+                f"or raise the limit", fault=True)
+
     # ------------------------------------------------------------------ operations
 
-    async def insert(self, msg: NewMessage, state: MessageState, now: float) -> int:
-        """Store a new send; returns its sequence number (arrival order)."""
+    async def insert(self, msg: NewMessage, state: MessageState, now: float,
+                     key: IdempotencyKey | None = None, keys_after: float = 0.0) -> int:
+        """Store a new send; returns its sequence number (arrival order).
+
+        With ``key``, the ``Idempotency-Key`` is stored in the same transaction; a live key
+        (created after ``keys_after``) already there raises :class:`KeyInUse` and stores
+        nothing. Over :attr:`max_bytes` raises a :class:`JournalError` fault.
+        """
         headers = json.dumps(list(msg.headers))
 
         def op(conn: sqlite3.Connection) -> int:
+            self._check_room(conn, len(msg.body) + len(msg.query) + 512)
+            if key is not None:
+                conn.execute("DELETE FROM idempotency_keys WHERE instance_id = ? AND key = ? "
+                             "AND created_at <= ?", (msg.instance_id, key.key, keys_after))
+                if conn.execute("SELECT 1 FROM idempotency_keys WHERE instance_id = ? "
+                                "AND key = ?", (msg.instance_id, key.key)).fetchone():
+                    raise KeyInUse("this Idempotency-Key was stored by another request "
+                                   "meanwhile; retry to get its answer")
             cur = conn.execute(
                 "INSERT INTO messages (id, instance_id, method, path, query, headers, body, "
                 "state, next_attempt_at, created_at, updated_at) "
@@ -342,9 +772,36 @@ class Journal:
                 (msg.id, msg.instance_id, msg.method, msg.path, msg.query, headers, msg.body,
                  state.value, now, now, now),
             )
+            if key is not None:
+                conn.execute("INSERT INTO idempotency_keys (instance_id, key, fingerprint, "
+                             "message_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                             (msg.instance_id, key.key, key.fingerprint, msg.id, now))
             return int(cur.lastrowid or 0)
 
         return await self.call(op)
+
+    async def find_key(self, instance_id: str, key: str, keys_after: float) -> StoredKey | None:
+        """The live ``Idempotency-Key`` ``key`` of ``instance_id`` (created after
+        ``keys_after``), if any."""
+        def op(conn: sqlite3.Connection) -> StoredKey | None:
+            r = conn.execute(
+                "SELECT message_id, fingerprint, created_at, answer_status, "
+                "answer_content_type, answer_body FROM idempotency_keys "
+                "WHERE instance_id = ? AND key = ? AND created_at > ?",
+                (instance_id, key, keys_after)).fetchone()
+            if r is None:
+                return None
+            return StoredKey(r[0], r[1], r[2], r[3], r[4],
+                             None if r[5] is None else bytes(r[5]))
+        return await self.call(op)
+
+    async def store_answer(self, instance_id: str, key: str, status: int,
+                           content_type: str | None, body: bytes) -> None:
+        """Keep the first answer given for an ``Idempotency-Key`` (kept once stored)."""
+        await self.call(lambda c: c.execute(
+            "UPDATE idempotency_keys SET answer_status = ?, answer_content_type = ?, "
+            "answer_body = ? WHERE instance_id = ? AND key = ? AND answer_status IS NULL",
+            (status, content_type, body, instance_id, key)))
 
     async def set_state(self, message_id: str, state: MessageState, now: float) -> None:
         """Change only the state of a message (e.g. ``queued`` → ``sending``)."""
@@ -355,12 +812,18 @@ class Journal:
     async def record(self, message_id: str, p: Progress, now: float) -> None:
         """Store the result of an attempt."""
         delivered_at = now if p.state is MessageState.DELIVERED else None
-        await self.call(lambda c: c.execute(
-            "UPDATE messages SET state = ?, attempts = ?, failures = ?, unknown_count = ?, "
-            "next_attempt_at = ?, last_error = ?, message_key_id = ?, updated_at = ?, "
-            "delivered_at = COALESCE(?, delivered_at) WHERE id = ?",
-            (p.state.value, p.attempts, p.failures, p.unknown_count, p.next_attempt_at,
-             p.last_error, p.message_key_id, now, delivered_at, message_id)))
+
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE messages SET state = ?, attempts = ?, failures = ?, unknown_count = ?, "
+                "next_attempt_at = ?, last_error = ?, message_key_id = ?, updated_at = ?, "
+                "delivered_at = COALESCE(?, delivered_at) WHERE id = ?",
+                (p.state.value, p.attempts, p.failures, p.unknown_count, p.next_attempt_at,
+                 p.last_error, p.message_key_id, now, delivered_at, message_id))
+            if p.state in (MessageState.DELIVERED, MessageState.DEAD):
+                _count_outcome(c, message_id, p.state, p.attempts, now)
+
+        await self.call(op)
 
     async def get(self, message_id: str) -> MessageRow | None:
         """One message by id."""
@@ -370,14 +833,25 @@ class Journal:
             return _row(r) if r else None
         return await self.call(op)
 
-    async def recover_in_flight(self, now: float) -> int:
-        """Mark sends that were in flight when the process died as ``unknown``."""
+    async def recover_in_flight(self, now: float, on_unknown: str = "retry") -> int:
+        """Mark sends that were in flight when the process died as ``unknown`` (to be sent
+        again), or ``dead`` when ``on_unknown`` is ``fail`` (api-blast may have sent them)."""
         def op(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "UPDATE messages SET state = 'unknown', unknown_count = unknown_count + 1, "
-                "last_error = 'the supervisor stopped while this send was in flight', "
-                "updated_at = ? WHERE state = 'sending'", (now,))
-            return cur.rowcount
+            if on_unknown != "fail":
+                return conn.execute(
+                    "UPDATE messages SET state = 'unknown', unknown_count = unknown_count + 1, "
+                    "last_error = 'the supervisor stopped while this send was in flight', "
+                    "updated_at = ? WHERE state = 'sending'", (now,)).rowcount
+            rows = conn.execute("SELECT id, attempts FROM messages WHERE state = 'sending'"
+                                ).fetchall()
+            conn.execute(
+                "UPDATE messages SET state = 'dead', unknown_count = unknown_count + 1, "
+                "last_error = ?, updated_at = ? WHERE state = 'sending'",
+                ("the supervisor stopped while this send was in flight; not retried because "
+                 "queue.on_unknown is 'fail'", now))
+            for message_id, attempts in rows:
+                _count_outcome(conn, message_id, MessageState.DEAD, attempts, now)
+            return len(rows)
         return await self.call(op)
 
     async def active(self) -> list[MessageRow]:
@@ -423,35 +897,287 @@ class Journal:
     async def load_position(self, source: str) -> TailPosition | None:
         """Where ``source`` was read up to, if known."""
         def op(conn: sqlite3.Connection) -> TailPosition | None:
-            r = conn.execute("SELECT device, inode, head_hash, offset FROM tail_positions "
-                             "WHERE source = ?", (source,)).fetchone()
+            r = conn.execute("SELECT device, inode, head_hash, offset, cursor "
+                             "FROM tail_positions WHERE source = ?", (source,)).fetchone()
             return TailPosition(*r) if r else None
         return await self.call(op)
 
     async def save_position(self, source: str, pos: TailPosition, now: float) -> None:
         """Remember where ``source`` was read up to."""
-        await self.call(lambda c: c.execute(
-            "INSERT INTO tail_positions (source, device, inode, head_hash, offset, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(source) DO UPDATE SET device = excluded.device, "
-            "inode = excluded.inode, head_hash = excluded.head_hash, offset = excluded.offset, "
-            "updated_at = excluded.updated_at",
-            (source, pos.device, pos.inode, pos.head_hash, pos.offset, now)))
+        await self.call(lambda c: _save_position(c, source, pos, now))
+
+    async def commit_log(self, source: str, pos: TailPosition | None,
+                         sessions: Sequence[SessionRecord], applied: Sequence[EventRecord],
+                         now: float) -> None:
+        """Store, in one transaction, the session states and the events that lines of
+        ``source`` produced, and the position after those lines (None: unchanged)."""
+        def op(conn: sqlite3.Connection) -> None:
+            if pos is not None:
+                _save_position(conn, source, pos, now)
+            conn.executemany(
+                "INSERT INTO sessions (instance_id, state, code, changed_at, hold_until, "
+                "ready_pending, guessed, probe_at, probe_failures, dropped_at, last_event, "
+                "last_event_at, conflicts, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "?, ?, ?) ON CONFLICT(instance_id) DO UPDATE SET state = excluded.state, "
+                "code = excluded.code, changed_at = excluded.changed_at, "
+                "hold_until = excluded.hold_until, ready_pending = excluded.ready_pending, "
+                "guessed = excluded.guessed, probe_at = excluded.probe_at, "
+                "probe_failures = excluded.probe_failures, dropped_at = excluded.dropped_at, "
+                "last_event = excluded.last_event, last_event_at = excluded.last_event_at, "
+                "conflicts = excluded.conflicts, updated_at = excluded.updated_at",
+                [(s.instance_id, s.state, s.code, s.changed_at, s.hold_until,
+                  int(s.ready_pending), int(s.guessed), s.probe_at, s.probe_failures,
+                  s.dropped_at, s.last_event, s.last_event_at, json.dumps(list(s.conflicts)),
+                  now) for s in sessions])
+            if applied:
+                conn.executemany(
+                    "INSERT INTO session_events (t, source, line, event, instance_id, code, "
+                    "attribution, rule) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(e.t, e.source, e.line, e.event, e.instance_id, e.code, e.attribution,
+                      e.rule) for e in applied])
+                conn.execute("DELETE FROM session_events WHERE seq <= "
+                             "(SELECT MAX(seq) FROM session_events) - ?", (EVENTS_KEPT,))
+        await self.call(op)
+
+    async def load_sessions(self) -> list[SessionRecord]:
+        """Every stored session state."""
+        def op(conn: sqlite3.Connection) -> list[SessionRecord]:
+            rows = conn.execute(
+                "SELECT instance_id, state, code, changed_at, hold_until, ready_pending, "
+                "guessed, probe_at, probe_failures, dropped_at, last_event, last_event_at, "
+                "conflicts FROM sessions ORDER BY instance_id").fetchall()
+            return [SessionRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bool(r[6]), r[7],
+                                  r[8], r[9], r[10], r[11],
+                                  tuple(float(t) for t in json.loads(r[12]))) for r in rows]
+        return await self.call(op)
+
+    async def recent_events(self, limit: int = 200) -> list[EventRecord]:
+        """The last ``limit`` session events, oldest first."""
+        def op(conn: sqlite3.Connection) -> list[EventRecord]:
+            rows = conn.execute(
+                "SELECT t, source, line, event, instance_id, code, attribution, rule "
+                "FROM session_events ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+            return [EventRecord(*r) for r in reversed(rows)]
+        return await self.call(op)
 
     async def check_writable(self) -> None:
-        """A write that touches the disk: raises :class:`JournalError` if the journal can't."""
-        await self.call(lambda c: c.execute(
-            "UPDATE schema_version SET version = version"))
+        """A write that must reach the disk; raises :class:`JournalError` naming the fault.
+
+        While a fault is known the probe writes :data:`FAULT_PROBE_BYTES` (room for a send),
+        within :attr:`max_bytes`, and its commit clears :attr:`fault`.
+        """
+        size = FAULT_PROBE_BYTES if self.fault else 1
+
+        def op(conn: sqlite3.Connection) -> None:
+            self._check_room(conn, size)
+            conn.execute("INSERT OR REPLACE INTO storage_probe (id, data) "
+                         "VALUES (1, zeroblob(?))", (size,))
+            self._probed = True
+        await self.call(op)
+
+    async def live_bytes(self) -> int:
+        """Bytes of the database file holding rows (free pages excluded)."""
+        def op(conn: sqlite3.Connection) -> int:
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            return int(page_size * (pages - free))
+        return await self.call(op)
+
+    # ------------------------------------------------------------------ admin changes
+
+    async def requeue(self, message_id: str, now: float) -> AdminChange:
+        """A ``dead``, ``unknown`` or ``cancelled`` message goes back to ``queued``, due now;
+        its failures are reset, its attempts kept."""
+        return await self.call(lambda c: self._change(
+            c, message_id, (MessageState.DEAD, MessageState.UNKNOWN, MessageState.CANCELLED),
+            "UPDATE messages SET state = 'queued', failures = 0, next_attempt_at = ?, "
+            "updated_at = ? WHERE id = ?", (now, now, message_id)))
+
+    async def cancel(self, message_id: str, now: float) -> AdminChange:
+        """A ``queued`` or ``unknown`` message becomes ``cancelled``."""
+        return await self.call(lambda c: self._change(
+            c, message_id, (MessageState.QUEUED, MessageState.UNKNOWN),
+            "UPDATE messages SET state = 'cancelled', updated_at = ?, "
+            "last_error = 'cancelled by an admin call' WHERE id = ?", (now, message_id)))
+
+    @staticmethod
+    def _change(conn: sqlite3.Connection, message_id: str, allowed: tuple[MessageState, ...],
+                sql: str, args: tuple[Any, ...]) -> AdminChange:
+        r = conn.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if r is None:
+            return AdminChange(None, None)
+        before = MessageState(r[0])
+        if before not in allowed:
+            return AdminChange(before, None)
+        conn.execute(sql, args)
+        row = conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE id = ?",
+                           (message_id,)).fetchone()
+        return AdminChange(before, _row(row))
+
+    async def requeue_dead(self, instance_id: str | None, now: float) -> list[MessageRow]:
+        """Every ``dead`` message (of ``instance_id``, or all) back to ``queued``."""
+        where = "state = 'dead'" + (" AND instance_id = ?" if instance_id is not None else "")
+        args: tuple[Any, ...] = (instance_id,) if instance_id is not None else ()
+
+        def op(conn: sqlite3.Connection) -> list[MessageRow]:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE {where} ORDER BY seq",
+                                args).fetchall()
+            conn.execute(f"UPDATE messages SET state = 'queued', failures = 0, "
+                         f"next_attempt_at = ?, updated_at = ? WHERE {where}",
+                         (now, now, *args))
+            return [dataclasses.replace(_row(r), state=MessageState.QUEUED, failures=0,
+                                        next_attempt_at=now, updated_at=now) for r in rows]
+        return await self.call(op)
+
+    async def set_paused(self, instance_id: str, paused: bool, now: float) -> None:
+        """Pause (or resume) an instance's sends; kept across restarts."""
+        if paused:
+            await self.call(lambda c: c.execute(
+                "INSERT OR IGNORE INTO paused_instances (instance_id, paused_at) VALUES (?, ?)",
+                (instance_id, now)))
+        else:
+            await self.call(lambda c: c.execute(
+                "DELETE FROM paused_instances WHERE instance_id = ?", (instance_id,)))
+
+    async def paused_instances(self) -> set[str]:
+        """The instances paused by an admin call."""
+        return await self.call(lambda c: {
+            r[0] for r in c.execute("SELECT instance_id FROM paused_instances")})
+
+    # ------------------------------------------------------------------ retention
+
+    async def prune(self, finished_before: float, dead_before: float | None,
+                    keys_before: float) -> tuple[int, int]:
+        """Delete finished rows (``delivered``, ``cancelled``; ``dead`` only when
+        ``dead_before`` is given) last changed before the given times, and the
+        ``Idempotency-Key`` rows created before ``keys_before`` or whose message is gone.
+        Returns (messages, keys) deleted; each call deletes at most :data:`PRUNE_BATCH` of
+        each, so that a transaction stays short: call again while it returns a full batch.
+        """
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            cur = conn.execute(
+                "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE "
+                "(state IN ('delivered', 'cancelled') AND updated_at < ?) OR "
+                "(state = 'dead' AND updated_at < ?) LIMIT ?)",
+                (finished_before, -1.0 if dead_before is None else dead_before, PRUNE_BATCH))
+            messages = cur.rowcount
+            cur = conn.execute(
+                "DELETE FROM idempotency_keys WHERE rowid IN (SELECT k.rowid FROM "
+                "idempotency_keys k LEFT JOIN messages m ON m.id = k.message_id "
+                "WHERE k.created_at < ? OR m.id IS NULL LIMIT ?)", (keys_before, PRUNE_BATCH))
+            return messages, cur.rowcount
+        return await self.call(op)
+
+    async def outcome_figures(self, since: float) -> tuple[
+            dict[str, OutcomeRow], dict[str, OutcomeRow], dict[str, int]]:
+        """Per instance: messages finished at or after ``since``, finished ever, and dead now."""
+        def op(conn: sqlite3.Connection) -> tuple[
+                dict[str, OutcomeRow], dict[str, OutcomeRow], dict[str, int]]:
+            window = {r[0]: OutcomeRow(r[1], r[2], r[3], r[4]) for r in conn.execute(
+                "SELECT instance_id, SUM(state = 'delivered'), "
+                "SUM(state = 'delivered' AND attempts = 1), SUM(state = 'dead'), "
+                "SUM(attempts) FROM outcomes WHERE finished_at >= ? GROUP BY instance_id",
+                (since,))}
+            totals = {r[0]: OutcomeRow(r[1], r[2], r[3], r[4], r[5]) for r in conn.execute(
+                "SELECT instance_id, delivered, first_attempt, dead, attempts, since "
+                "FROM outcome_totals")}
+            dead = {r[0]: r[1] for r in conn.execute(
+                "SELECT instance_id, COUNT(*) FROM messages WHERE state = 'dead' "
+                "GROUP BY instance_id")}
+            return window, totals, dead
+        return await self.call(op)
+
+    async def prune_outcomes(self, before: float) -> int:
+        """Forget outcome rows finished before ``before`` (totals are kept).
+
+        A dead message's row stays while the message exists: if an admin re-queues it and it
+        is delivered, the totals move it from dead to delivered instead of counting it twice.
+        """
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM outcomes WHERE finished_at < ? AND (state = 'delivered' OR NOT "
+                "EXISTS (SELECT 1 FROM messages m WHERE m.id = outcomes.message_id))",
+                (before,)).rowcount
+        return await self.call(op)
+
+
+def _count_outcome(conn: sqlite3.Connection, message_id: str, state: MessageState,
+                   attempts: int, now: float) -> None:
+    """Count a finished message (inside the transaction that records its state).
+
+    A message finished before (dead, then re-queued by an admin) is moved, not added again.
+    """
+    row = conn.execute("SELECT instance_id FROM messages WHERE id = ?", (message_id,)).fetchone()
+    if row is None:
+        return
+    instance_id = row[0]
+    conn.execute("INSERT INTO outcome_totals (instance_id, since) VALUES (?, ?) "
+                 "ON CONFLICT(instance_id) DO NOTHING", (instance_id, now))
+    old = conn.execute("SELECT state, attempts FROM outcomes WHERE message_id = ?",
+                       (message_id,)).fetchone()
+    if old is not None:
+        _add_totals(conn, instance_id, old[0], old[1], -1)
+    conn.execute(
+        "INSERT INTO outcomes (message_id, instance_id, state, attempts, finished_at) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(message_id) DO UPDATE SET state = excluded.state, "
+        "attempts = excluded.attempts, finished_at = excluded.finished_at",
+        (message_id, instance_id, state.value, attempts, now))
+    _add_totals(conn, instance_id, state.value, attempts, 1)
+
+
+def _add_totals(conn: sqlite3.Connection, instance_id: str, state: str, attempts: int,
+                sign: int) -> None:
+    delivered = sign if state == MessageState.DELIVERED.value else 0
+    conn.execute(
+        "UPDATE outcome_totals SET delivered = delivered + ?, first_attempt = first_attempt + ?, "
+        "dead = dead + ?, attempts = attempts + ? WHERE instance_id = ?",
+        (delivered, delivered if attempts == 1 else 0,
+         sign if state == MessageState.DEAD.value else 0, sign * attempts, instance_id))
+
+
+def _missing_dir(path: Path) -> str:
+    return (f"the state directory {path.parent} is missing, so {path} cannot be opened; "
+            f"create it (mkdir -p {path.parent}) and the supervisor opens the journal")
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why ``directory`` cannot be written to, if it cannot."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return f"{directory} is on a read-only filesystem; remount it read-write"
+    if not os.access(directory, os.W_OK):
+        return f"{directory} is not writable by this user; fix its owner or mode"
+    return None
 
 
 def _describe(exc: BaseException, path: Path) -> str:
+    """What failed, in words an operator can act on."""
     text = str(exc)
     low = text.lower()
-    if "full" in low:
+    code = _code(exc)
+    if code.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_PERM")):
+        reason = _unwritable(path.parent)
+        if reason is not None:
+            return f"the journal {path} is read-only ({text}): {reason}"
+    if code.startswith("SQLITE_FULL") or "full" in low:
         return f"the disk holding {path} is full ({text}); free space to resume"
-    if "readonly" in low or "read-only" in low:
+    if code.startswith(("SQLITE_READONLY", "SQLITE_PERM")) or "readonly" in low \
+            or "read-only" in low:
         return f"{path} is read-only ({text}); make the state directory writable"
-    if "locked" in low or "busy" in low:
-        return f"{path} is locked by another process ({text})"
-    if "malformed" in low or "not a database" in low:
-        return f"{path} is corrupt ({text})"
+    if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in low or "busy" in low:
+        return (f"{path} is locked by another process ({text}); stop the process that holds "
+                f"it (fuser {path})")
+    if code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in low \
+            or "not a database" in low:
+        return (f"{path} is corrupt ({text}); move it away (the supervisor then starts a new "
+                f"journal) or repair it with sqlite3's .recover")
+    if code.startswith("SQLITE_CANTOPEN"):
+        return f"cannot open {path} ({text}); check that the state directory exists and is " \
+               f"writable"
+    if code.startswith("SQLITE_IOERR"):
+        return f"I/O error on {path} ({text}); check the disk (dmesg)"
     return f"journal error on {path}: {text}"

@@ -3,7 +3,8 @@
 A guarded send (``POST /send_message?instance_id=…``, ``POST /send-message/{instance_id}``):
 
 1. is validated and authenticated — nothing invalid reaches the journal;
-2. is committed to the journal (group commit) before any answer;
+2. is committed to the journal (group commit) before any answer, with its ``Idempotency-Key``
+   when it has one (a retry with the same key gets the first answer and is never sent again);
 3. goes out at once when its lane is idle and the session allows it, and then the client gets
    api-blast's own answer plus ``X-Supervisor-Message-Id``; otherwise the client gets 202 and
    the replay sends it later.
@@ -22,18 +23,21 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from . import validation
 from .auth import Authenticator
 from .clock import Clock
 from .config import Config, GuardedRoute
-from .journal import Journal, JournalError, MessageState, NewMessage
+from .journal import IdempotencyKey, Journal, JournalError, KeyInUse, MessageState, NewMessage
 from .outcome import OutcomeKind
-from .replay import Item, Replayer
+from .replay import Item, Lane, Replayer
 from .sessions import GateAction
 from .upstream import SendResult, Upstream, forwardable
 
 log = logging.getLogger(__name__)
 
 MESSAGE_ID_HEADER = "X-Supervisor-Message-Id"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"  # set on an answer given again for a known key
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -57,7 +61,11 @@ class Proxy:
         self.clock = clock
         self._id_pattern = re.compile(cfg.limits.instance_id_pattern)
         self._inline: set[asyncio.Task[Any]] = set()
+        self._keys_busy: set[tuple[str, str]] = set()  # (instance, key) being handled now
         self.storage_error: str | None = None
+        # Why sends cannot be journaled at all now (the journal is not open or not yet
+        # restored into the lanes); None once it is.
+        self.unavailable: str | None = None
 
     def reconfigure(self, cfg: Config) -> None:
         """Apply a reloaded configuration."""
@@ -79,7 +87,43 @@ class Proxy:
         return handler
 
     async def guarded(self, request: web.Request, route: GuardedRoute) -> web.StreamResponse:
-        """Journal a send, then send it now or answer 202."""
+        """Validate, authenticate and journal a send, then send it now or answer 202.
+
+        Nothing reaches the journal before every check passed; nothing is acknowledged
+        before its row is committed.
+        """
+        instance_id = self._instance_id(request, route)
+        if isinstance(instance_id, web.Response):
+            return instance_id
+        verdict = await self.auth.check(instance_id, request.query.get("access_token"))
+        if not verdict.ok:
+            return json_error(verdict.status, verdict.message)
+        if self.unavailable is not None:
+            return self._not_stored(instance_id, JournalError(self.unavailable))
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):
+            return body
+        problem = validation.body_problem(body, request.headers.get("Content-Type"))
+        if problem is not None:
+            return json_error(problem.status, problem.message)
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if key is None:
+            return await self._accept(request, instance_id, body, None)
+        key_problem = validation.idempotency_key_problem(key)
+        if key_problem is not None:
+            return json_error(400, key_problem)
+        slot = (instance_id, key)
+        if slot in self._keys_busy:
+            return json_error(409, f"a request with this {IDEMPOTENCY_HEADER} is still being "
+                                   f"handled; retry in a moment to get its answer",
+                              headers={"Retry-After": "1"})
+        self._keys_busy.add(slot)
+        try:
+            return await self._accept_keyed(request, instance_id, body, key)
+        finally:
+            self._keys_busy.discard(slot)
+
+    def _instance_id(self, request: web.Request, route: GuardedRoute) -> str | web.Response:
         if route.instance_from == "path":
             instance_id = request.match_info.get("instance_id", "")
             where = "path segment {instance_id}"
@@ -91,14 +135,64 @@ class Proxy:
         if not self._id_pattern.fullmatch(instance_id):
             return json_error(400, f"{where} {instance_id[:40]!r} is not a valid instance id "
                                    f"(expected {self.cfg.limits.instance_id_pattern})")
+        return instance_id
+
+    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+        """The whole body, within ``limits.max_body_bytes`` and ``limits.body_timeout_s``."""
+        limits = self.cfg.limits
+        too_large = json_error(413, f"request body over limits.max_body_bytes "
+                                    f"({limits.max_body_bytes} bytes)")
+        if request.content_length is not None and request.content_length > limits.max_body_bytes:
+            return too_large
         try:
-            body = await request.read()
+            async with asyncio.timeout(limits.body_timeout_s):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return json_error(413, f"request body over limits.max_body_bytes "
-                                   f"({self.cfg.limits.max_body_bytes} bytes)")
-        verdict = await self.auth.check(instance_id, request.query.get("access_token"))
-        if not verdict.ok:
-            return json_error(verdict.status, verdict.message)
+            return too_large
+        except TimeoutError:
+            return json_error(408, f"the request body did not arrive within "
+                                   f"limits.body_timeout_s ({limits.body_timeout_s:g} s)",
+                              headers={"Connection": "close"})
+        except (aiohttp.ClientError, web.RequestPayloadError, ConnectionError) as exc:
+            return json_error(400, f"the request body could not be read: {exc}",
+                              headers={"Connection": "close"})
+
+    async def _accept_keyed(self, request: web.Request, instance_id: str, body: bytes,
+                            key: str) -> web.StreamResponse:
+        """A send with an ``Idempotency-Key``: the stored answer for a key seen before (same
+        request), 422 for a different request, else accepted like any send."""
+        fp = validation.fingerprint(request.method, request.rel_url.raw_path,
+                                    request.rel_url.raw_query_string, body)
+        keys_after = self.clock.time() - self.cfg.idempotency.ttl_s
+        try:
+            stored = await self.journal.find_key(instance_id, key, keys_after)
+        except JournalError as exc:
+            return self._not_stored(instance_id, exc)
+        if stored is None:
+            return await self._accept(request, instance_id, body,
+                                      IdempotencyKey(key, fp), keys_after)
+        if stored.fingerprint != fp:
+            return json_error(
+                422, f"{IDEMPOTENCY_HEADER} {key!r} was already used for another request to "
+                     f"instance {instance_id} (message {stored.message_id}); use a new key for "
+                     f"a new message", message_id=stored.message_id)
+        headers = {MESSAGE_ID_HEADER: stored.message_id, REPLAYED_HEADER: "true"}
+        if stored.status is not None:
+            if stored.content_type:
+                headers["Content-Type"] = stored.content_type
+            return web.Response(status=stored.status, body=stored.body or b"", headers=headers)
+        # The daemon stopped before the first request was answered: the message is in the
+        # journal (sent, or to be sent), so the answer is "accepted", stored from now on.
+        resp = self._queued(instance_id, stored.message_id,
+                            self._position(instance_id, stored.message_id))
+        await self._store_answer(instance_id, key, resp)
+        resp.headers[REPLAYED_HEADER] = "true"
+        return resp
+
+    async def _accept(self, request: web.Request, instance_id: str, body: bytes,
+                      key: IdempotencyKey | None, keys_after: float = 0.0
+                      ) -> web.StreamResponse:
+        """Journal a send (with its key), then send it now or queue it."""
         if self.replayer.queue_full(instance_id):
             retry_after = max(1, round(self.cfg.queue.process_interval_s
                                        * self.cfg.queue.max_queue_size / 4))
@@ -116,22 +210,29 @@ class Proxy:
         lane, action = self.replayer.admit(instance_id)
         state = MessageState.SENDING if action is not None else MessageState.QUEUED
         try:
-            seq = await self.journal.insert(msg, state, self.clock.time())
+            seq = await self.journal.insert(msg, state, self.clock.time(), key, keys_after)
+        except KeyInUse as exc:
+            self.replayer.abandon(lane, action is not None)
+            return json_error(409, exc.cause, headers={"Retry-After": "1"})
         except JournalError as exc:
             self.replayer.abandon(lane, action is not None)
-            self.storage_error = exc.cause
-            log.error("send for %s refused, the journal failed: %s", instance_id, exc.cause)
-            return json_error(503, f"the send was not stored, so it was not accepted: "
-                                   f"{exc.cause}", retryable=True)
+            return self._not_stored(instance_id, exc)
         self.storage_error = None
         if action is None:
             position = self.replayer.enqueue(lane, seq, msg.id)
-            return self._queued(msg, position)
-        # Inline: the attempt runs in its own task so that a client that goes away cannot
-        # cancel it half-way (its outcome must be recorded either way).
+            resp = self._queued(instance_id, msg.id, position)
+        else:
+            resp = await self._send_now(lane, seq, msg, action is GateAction.PROBE)
+        if key is not None:
+            await self._store_answer(instance_id, key.key, resp)
+        return resp
+
+    async def _send_now(self, lane: Lane, seq: int, msg: NewMessage,
+                        probe: bool) -> web.Response:
+        # The attempt runs in its own task so that a client that goes away cannot cancel it
+        # half-way (its outcome must be recorded either way).
         task = asyncio.get_running_loop().create_task(
-            self._send_inline(lane, Item(seq, msg.id, self.clock.monotonic()), msg,
-                              action is GateAction.PROBE))
+            self._send_inline(lane, Item(seq, msg.id, self.clock.monotonic()), msg, probe))
         self._inline.add(task)
         task.add_done_callback(self._inline.discard)
         result, requeued = await asyncio.shield(task)
@@ -139,23 +240,52 @@ class Proxy:
         if kind is OutcomeKind.DELIVERED or (kind is OutcomeKind.PERMANENT and result.status):
             return self._relay(result, msg.id)
         if requeued is not None:
-            return self._queued(msg, lane.items.index(requeued) + 1 if requeued in lane.items
-                                else 1)
+            return self._queued(msg.instance_id, msg.id,
+                                lane.items.index(requeued) + 1 if requeued in lane.items else 1)
         return json_error(502, f"the send failed: {result.outcome.detail}",
                           headers={MESSAGE_ID_HEADER: msg.id}, message_id=msg.id)
 
-    async def _send_inline(self, lane: Any, item: Item, msg: NewMessage, probe: bool
+    async def _send_inline(self, lane: Lane, item: Item, msg: NewMessage, probe: bool
                            ) -> tuple[SendResult, Item | None]:
         result = await self.upstream.send(msg.method, msg.path, msg.query, msg.headers,
                                           msg.body, self.cfg.queue.processing_timeout_s)
         requeued = await self.replayer.finish(lane, item, result.outcome, probe)
         return result, requeued
 
-    def _queued(self, msg: NewMessage, position: int) -> web.Response:
+    def _not_stored(self, instance_id: str, exc: JournalError) -> web.Response:
+        """503: the journal could not commit the send, so it was not accepted."""
+        self.storage_error = exc.cause
+        log.error("send for %s refused, the journal failed: %s", instance_id, exc.cause)
+        return json_error(503, f"the send was not stored, so it was not accepted: {exc.cause}",
+                          headers={"Retry-After": "5"}, retryable=True)
+
+    async def _store_answer(self, instance_id: str, key: str, resp: web.Response) -> None:
+        """Keep the answer of a keyed send for its retries (a failure only loses the copy:
+        a retry then gets 202 with the same message id)."""
+        body = resp.body if isinstance(resp.body, bytes) else b""
+        try:
+            await self.journal.store_answer(instance_id, key, resp.status,
+                                            resp.headers.get("Content-Type"), body)
+        except JournalError as exc:
+            log.warning("the answer for %s %r was not stored: %s", IDEMPOTENCY_HEADER, key,
+                        exc.cause)
+
+    def _position(self, instance_id: str, message_id: str) -> int:
+        """1-based place of a message in its lane (0: not waiting there)."""
+        lane = self.replayer.lanes.get(instance_id)
+        if lane is None:
+            return 0
+        for n, item in enumerate(lane.items, start=1):
+            if item.id == message_id:
+                return n + (1 if lane.in_flight else 0)
+        return 0
+
+    @staticmethod
+    def _queued(instance_id: str, message_id: str, position: int) -> web.Response:
         return web.json_response(
             {"status": "success", "queued": True, "message": "Message queued",
-             "message_id": msg.id, "instance_id": msg.instance_id, "position": position},
-            status=202, headers={MESSAGE_ID_HEADER: msg.id})
+             "message_id": message_id, "instance_id": instance_id, "position": position},
+            status=202, headers={MESSAGE_ID_HEADER: message_id})
 
     @staticmethod
     def _relay(result: SendResult, message_id: str) -> web.Response:

@@ -94,7 +94,18 @@ class Replayer:
         self._idle = asyncio.Event()
         self._idle.set()
         self.on_outcome: Callable[[str, Outcome, bool], None] | None = None
+        # After an attempt was recorded and its lane updated: (lane, the recorded progress).
+        self.on_settled: Callable[[Lane, Progress], None] | None = None
         self.on_crash: Callable[[str], None] | None = None
+        # Instances paused by an admin call: their lanes send nothing, inline or replayed.
+        self.paused: set[str] = set()
+        # Outcomes the journal could not take (storage fault): message id -> (progress, when).
+        self.unrecorded: dict[str, tuple[Progress, float]] = {}
+
+    def reconfigure(self, cfg: QueueConfig) -> None:
+        """Apply reloaded queue settings; every lane looks again (pacing, limits)."""
+        self.cfg = cfg
+        self.wake(list(self.lanes))
 
     def set_sender(self, send: SendFn) -> None:
         """The function that performs one HTTP attempt."""
@@ -146,7 +157,8 @@ class Replayer:
         lane = self.lane(instance_id)
         now = self.clock.monotonic()
         if (not self._stopping and lane.in_flight is None and not lane.items
-                and lane.pending == 0 and now >= lane.last_send_at + self.cfg.process_interval_s):
+                and lane.pending == 0 and instance_id not in self.paused
+                and now >= lane.last_send_at + self.cfg.process_interval_s):
             gate = self.sessions.gate(instance_id, now)
             if gate.action is not GateAction.HOLD:
                 lane.in_flight = "(inline)"
@@ -177,6 +189,36 @@ class Replayer:
         lane.wake.set()
         return lane.items.index(item) + 1 + (1 if lane.in_flight else 0)
 
+    async def record_pending(self) -> int:
+        """Record the outcomes kept in :attr:`unrecorded`, oldest first; stops at the first
+        journal error. Returns how many were recorded."""
+        done = 0
+        for message_id, entry in list(self.unrecorded.items()):
+            if any(lane.in_flight == message_id for lane in self.lanes.values()):
+                continue  # being sent again: its own outcome will be recorded, and is newer
+            try:
+                await self.journal.record(message_id, entry[0], entry[1])
+            except JournalError:
+                break
+            if self.unrecorded.get(message_id) is entry:
+                del self.unrecorded[message_id]
+            done += 1
+        if done:
+            log.info("recorded %d send outcomes kept while the journal was failing", done)
+        return done
+
+    def withdraw(self, instance_id: str, message_id: str) -> Item | None:
+        """Take a waiting message out of its lane (admin cancel); None if it is not waiting
+        there (unknown, finished, or in flight)."""
+        lane = self.lanes.get(instance_id)
+        if lane is None:
+            return None
+        for item in lane.items:
+            if item.id == message_id:
+                lane.items.remove(item)
+                return item
+        return None
+
     def wake(self, instance_ids: Iterable[str]) -> None:
         """Something about these instances changed: let their workers look again."""
         for iid in instance_ids:
@@ -201,7 +243,7 @@ class Replayer:
     def _next_step(self, lane: Lane) -> tuple[GateAction | None, float | None]:
         """``(SEND|PROBE, None)`` to send the head now, else ``(None, seconds to sleep)``
         (``None`` seconds: until woken)."""
-        if lane.in_flight is not None or not lane.items:
+        if lane.in_flight is not None or not lane.items or lane.instance_id in self.paused:
             return None, None
         now = self.clock.monotonic()
         gate = self.sessions.gate(lane.instance_id, now)
@@ -250,9 +292,12 @@ class Replayer:
                                    if outcome.kind is OutcomeKind.UNAVAILABLE else 0)
         try:
             await self.journal.record(item.id, progress, now_wall)
+            self.unrecorded.pop(item.id, None)
         except JournalError as exc:
-            # The row keeps its previous state (``sending``): a restart treats it as unknown.
+            # The row keeps its previous state (``sending``): recorded again once the journal
+            # recovers (record_pending); a restart before that treats it as unknown.
             log.error("could not record the outcome of %s: %s", item.id, exc.cause)
+            self.unrecorded[item.id] = (progress, now_wall)
         if self.on_outcome is not None:
             self.on_outcome(lane.instance_id, outcome, probe)
         requeued: Item | None = None
@@ -265,6 +310,8 @@ class Replayer:
         lane.in_flight = None
         lane.wake.set()
         self._settle_idle()
+        if self.on_settled is not None:
+            self.on_settled(lane, progress)
         log.info("send %s for %s: %s%s", item.id, lane.instance_id, outcome.kind.value,
                  f" ({outcome.detail})" if outcome.detail else "")
         return requeued

@@ -17,6 +17,7 @@ from enum import StrEnum
 
 from .config import SessionConfig
 from .events import ATTRIBUTION_ID, Event, EventKind
+from .journal import SessionRecord
 
 
 class SessionState(StrEnum):
@@ -67,7 +68,11 @@ class Session:
     conflicts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
 
     def view_state(self, now: float, timeout_s: float) -> SessionState:
-        """The state as shown to people: a long drop shows as ``stalled``."""
+        """The state as shown to people: a long drop shows as ``stalled``; a ready signal
+        remembered during a conflict hold shows as ``ready`` once the hold is over (the gate
+        applies it lazily, at the next send)."""
+        if self.state is SessionState.CONFLICT and self.ready_pending and now >= self.hold_until:
+            return SessionState.READY
         if (
             self.state not in (SessionState.READY, SessionState.UNKNOWN)
             and self.dropped_at is not None
@@ -95,6 +100,10 @@ class Sessions:
         self._probe_backoff = probe_backoff
         self._by_id: dict[str, Session] = {}
 
+    def reconfigure(self, cfg: SessionConfig) -> None:
+        """Apply reloaded session settings (they count from the next decision on)."""
+        self.cfg = cfg
+
     def get(self, instance_id: str) -> Session:
         """The session of ``instance_id`` (created as ``unknown`` on first use)."""
         s = self._by_id.get(instance_id)
@@ -105,6 +114,49 @@ class Sessions:
     def known(self) -> list[str]:
         """Every instance seen so far."""
         return list(self._by_id)
+
+    def snapshot(self, instance_ids: Iterable[str], now: float, wall_now: float
+                 ) -> list[SessionRecord]:
+        """The stored form of these instances' state (monotonic times become epoch seconds)."""
+        def wall(t: float | None) -> float | None:
+            return None if t is None else t - now + wall_now
+
+        out = []
+        for iid in sorted(set(instance_ids)):
+            s = self._by_id.get(iid)
+            if s is None:
+                continue
+            out.append(SessionRecord(
+                iid, s.state.value, s.code, wall(s.changed_at or None),
+                wall(s.hold_until or None), s.ready_pending, s.guessed, wall(s.probe_at or None),
+                s.probe_failures, wall(s.dropped_at), s.last_event, wall(s.last_event_at),
+                tuple(t - now + wall_now for t in s.conflicts)))
+        return out
+
+    def restore(self, records: Iterable[SessionRecord], now: float, wall_now: float) -> int:
+        """Put stored states back (after a restart); returns how many were restored."""
+        def mono(t: float | None) -> float | None:
+            return None if t is None else t - wall_now + now
+
+        n = 0
+        for r in records:
+            try:
+                state = SessionState(r.state)
+            except ValueError:
+                continue
+            s = self.get(r.instance_id)
+            s.state, s.code = state, r.code
+            s.changed_at = mono(r.changed_at) or 0.0
+            s.hold_until = mono(r.hold_until) or 0.0
+            s.ready_pending, s.guessed = r.ready_pending, r.guessed
+            s.probe_at = mono(r.probe_at) or 0.0
+            s.probe_failures = r.probe_failures
+            s.dropped_at = mono(r.dropped_at)
+            s.last_event, s.last_event_at = r.last_event, mono(r.last_event_at)
+            s.conflicts.clear()
+            s.conflicts.extend(t - wall_now + now for t in r.conflicts)
+            n += 1
+        return n
 
     def __iter__(self) -> Iterable[Session]:
         return iter(list(self._by_id.values()))
@@ -139,6 +191,10 @@ class Sessions:
             # reconnect attempt) must not shorten the conflict hold; but a ready remembered
             # during the hold no longer counts: the latest signal is not ready any more.
             s.ready_pending = False
+            return [s.instance_id]
+        elif s.state is SessionState.LOGGED_OUT and event.kind is EventKind.DISCONNECTED:
+            # Baileys closes the socket right after a 401 (connection errored, connection
+            # closed): that close is part of the logout, which still needs a QR scan.
             return [s.instance_id]
         else:
             state = _DROPS[event.kind]

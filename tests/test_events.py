@@ -21,6 +21,7 @@ from supervisor.events import (
     DEFAULT_RULES,
     Event,
     EventKind,
+    classify_message,
     compile_rules,
     kind_for_code,
     parse,
@@ -413,3 +414,167 @@ def test_operator_rules_do_not_change_other_lines() -> None:
 def test_lines_that_say_nothing(record: str) -> None:
     """Lines without a session signal (and broken JSON) give no event."""
     assert parse(record) is None
+
+
+# --------------------------------------------------------------------------- README-style lines
+
+README = _lines("readme_style_console.log")
+
+# Record start line → expected (kind, code) for ``readme_style_console.log``.
+README_RECORDS = [
+    # connection closed due to  Error: … } , reconnecting  true — the statusCode line decides
+    pytest.param(1, 24, (K.CONFLICT, 440), "boom_dump", id="readme-1-closed-due-to-440"),
+    # opened connection
+    pytest.param(25, 25, (K.READY, None), "readme_opened", id="readme-25-opened"),
+    # console.log(update): output is [Object]; only "Stream Errored (conflict)" is left, which
+    # is 440 or 401: a conflict with no code
+    pytest.param(26, 47, (K.CONFLICT, None), "update_dump_close", id="readme-26-object-dump"),
+]
+
+
+@pytest.mark.parametrize(("first", "last", "expected", "rule_name"), README_RECORDS)
+def test_readme_style_record(first: int, last: int, expected: Expect, rule_name: str) -> None:
+    """Each README-style record gives its event, the collapsed dump by its message text."""
+    event = parse("\n".join(README[first - 1:last]))
+    assert event is not None
+    assert (event.kind, event.code) == expected
+    assert (event.instance_id, event.rule) == (None, rule_name)
+
+
+# --------------------------------------------------------------------------- JSON.stringify forms
+
+BOOM_JSON = dict(line.split("\t", 1) for line in _lines("boom_json_forms.tsv"))
+
+# Key of ``boom_json_forms.tsv`` → expected (kind, code): the output.statusCode decides.
+BOOM_JSON_EXPECTED: dict[str, Expect] = {
+    "c440": (K.CONFLICT, 440),          # conflict type=replaced
+    "r515": (K.RESTART_REQUIRED, 515),  # restart required (after pairing)
+    "d401": (K.LOGGED_OUT, 401),        # Stream Errored (conflict) + device_removed
+    "f401": (K.LOGGED_OUT, 401),        # Connection Failure, reason 401
+    "f405": (K.DISCONNECTED, 405),      # Connection Failure, reason 405
+    "u503": (K.DISCONNECTED, 503),      # Stream Errored (unknown)
+    "t428": (K.DISCONNECTED, 428),      # Connection Terminated
+    "l408": (K.DISCONNECTED, 408),      # Connection was lost
+    "q408": (K.DISCONNECTED, 408),      # QR refs attempts ended
+}
+
+
+def test_boom_json_table_covers_every_line() -> None:
+    """The annotation table has exactly one entry per line of the TSV fixture."""
+    assert sorted(BOOM_JSON_EXPECTED) == sorted(BOOM_JSON)
+
+
+@pytest.mark.parametrize("prefix", ["", "Last disconnect error: ", "Connection closed, reason: ",
+                                    "connection closed due to  "])
+@pytest.mark.parametrize(("key", "expected"), sorted(BOOM_JSON_EXPECTED.items()))
+def test_boom_json_form(key: str, expected: Expect, prefix: str) -> None:
+    """``JSON.stringify(lastDisconnect.error)`` gives its code, alone or after a prefix."""
+    event = parse(prefix + BOOM_JSON[key])
+    assert event is not None
+    assert (event.kind, event.code, event.instance_id) == (*expected, None)
+    assert event.rule == "boom_json"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"isBoom":true,"output":{"payload":{"message":"Connection was lost"}}}',
+         (K.DISCONNECTED, 408)),
+        ('{"isBoom":true,"output":{"statusCode":true}}', None),
+        ('{"isBoom":true,"output":"x"}', None),
+        ('{"isBoom":false,"output":{"statusCode":440}}', None),
+        ('{"isBoom":true,"output":{"statusCode":440}} trailing', None),
+        ('{"status":"success","message":"Success"}', None),
+    ],
+)
+def test_boom_json_edge_cases(text: str, expected: Expect) -> None:
+    """A JSON Boom without a status code falls back to its message; other JSON says nothing."""
+    event = parse(text)
+    if expected is None:
+        assert event is None
+        return
+    assert event is not None
+    assert (event.kind, event.code) == expected
+
+
+# --------------------------------------------------------------------------- message text
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("Stream Errored (conflict)", (K.CONFLICT, None)),
+        ("Stream Errored (restart required)", (K.RESTART_REQUIRED, 515)),
+        ("Stream Errored (unknown)", (K.DISCONNECTED, None)),
+        ("Connection Terminated", (K.DISCONNECTED, 428)),
+        ("Connection Closed", (K.DISCONNECTED, 428)),
+        ("Connection was lost", (K.DISCONNECTED, 408)),
+        ("Timed Out", (K.DISCONNECTED, 408)),
+        ("QR refs attempts ended", (K.DISCONNECTED, 408)),
+        ("Intentional Logout", (K.LOGGED_OUT, 401)),
+        ("Connection Failure", (K.DISCONNECTED, None)),
+        ("WebSocket Error (getaddrinfo ENOTFOUND web.whatsapp.com)", (K.DISCONNECTED, None)),
+        ("undefined", (K.DISCONNECTED, None)),
+        ("something new", (K.DISCONNECTED, None)),
+    ],
+)
+def test_classify_message(message: str, expected: tuple[EventKind, int | None]) -> None:
+    """A Boom message alone fixes a code only where Baileys uses it for one code."""
+    assert classify_message(message) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "expected", "rule_name"),
+    [
+        # Real capture: a close without an error (api-blast ended the socket itself).
+        ("Connection closed, reason: undefined", (K.DISCONNECTED, None), "close_reason"),
+        ("Last disconnect error: undefined", (K.DISCONNECTED, None), "close_reason"),
+        # err.toString() on one line, no frames, no statusCode: the message decides.
+        ("Connection closed, reason: Error: QR refs attempts ended", (K.DISCONNECTED, 408),
+         "close_reason"),
+        ("Last disconnect error: Error: Stream Errored (restart required)",
+         (K.RESTART_REQUIRED, 515), "close_reason"),
+        ("connection closed due to  Error: Connection Terminated , reconnecting  true",
+         (K.DISCONNECTED, 428), "close_reason"),
+        # The socket closed; the dump after it (if any) carries the code.
+        ("Connection update: close QR: None", (K.DISCONNECTED, None), "update_close"),
+        ("Connection update: open QR: None", (K.READY, None), "update_open"),
+        ("Handling other disconnect reasons, status code: 515", (K.RESTART_REQUIRED, 515),
+         "variant_status_code"),
+        ("{ connection: 'open', receivedPendingNotifications: false }", (K.READY, None),
+         "update_dump_open"),
+        ("{ connection: 'connecting', receivedPendingNotifications: false, qr: undefined }",
+         (K.CONNECTING, None), "update_dump_connecting"),
+        ("{ qr: '2@AbCdEf==,x,y,z' }", (K.QR, None), "update_dump_qr"),
+        ("{ connection: 'close', lastDisconnect: { error: undefined, date: 2025-07-23 } }",
+         (K.DISCONNECTED, None), "update_dump_close"),
+    ],
+)
+def test_close_and_update_lines(line: str, expected: tuple[EventKind, int | None],
+                                rule_name: str) -> None:
+    """Close lines without a visible status code give a drop; update dumps give their state."""
+    event = parse(line)
+    assert event is not None
+    assert (event.kind, event.code, event.rule) == (*expected, rule_name)
+
+
+def test_user_info_line_names_the_jid() -> None:
+    """The variant's ``User info: { id: … }`` is ready and names the phone jid."""
+    event = parse("User info: { id: '6289876543210:3@s.whatsapp.net', lid: '1:3@lid' }")
+    assert event is not None
+    assert (event.kind, event.jid) == (K.READY, "6289876543210:3@s.whatsapp.net")
+
+
+def test_operator_rule_replaces_a_builtin_by_name() -> None:
+    """An operator rule named like a built-in one takes its place (it is not tried twice)."""
+    rules = compile_rules([("update_close", r"^Connection update: close\b", "ignore", None)])
+    assert [r.name for r in rules].count("update_close") == 1
+    assert parse("Connection update: close QR: None", rules) is None
+    assert parse("Connection update: close QR: None") is not None
+
+
+def test_ignore_rule_silences_matching_records() -> None:
+    """``event: ignore`` makes the records it matches give no event, before any built-in."""
+    rules = compile_rules([("no_opened", r"Connection opened successfully", "ignore", None)])
+    assert parse("✅ Connection opened successfully", rules) is None
+    assert parse("opened connection", rules) is not None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
@@ -10,10 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from supervisor import journal as journal_module
 from supervisor.journal import (
+    _SCHEMA_VERSION,
     JOURNAL_FILE,
+    IdempotencyKey,
     Journal,
     JournalError,
+    KeyInUse,
     MessageState,
     NewMessage,
     Progress,
@@ -55,10 +61,10 @@ async def test_open_sets_wal_and_synchronous_full(journal: Journal, tmp_path: Pa
     assert await journal.call(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2
 
 
-async def test_schema_version_is_1(journal: Journal) -> None:
-    """A new journal records schema version 1, once."""
+async def test_schema_version_is_the_latest(journal: Journal) -> None:
+    """A new journal records the latest schema version, once."""
     rows = await journal.call(lambda c: c.execute("SELECT version FROM schema_version").fetchall())
-    assert rows == [(1,)]
+    assert rows == [(_SCHEMA_VERSION,)]
 
 
 async def test_rows_survive_close_and_reopen(tmp_path: Path) -> None:
@@ -268,3 +274,299 @@ async def test_list_and_counts(journal: Journal) -> None:
     assert [r.id for r in await journal.list_messages(limit=1)] == ["msg-0002"]
     assert await journal.counts() == {ID: {"queued": 1, "dead": 1},
                                       "68B2F3C55B019": {"queued": 1}}
+
+
+# --------------------------------------------------------------------------- storage faults
+
+
+async def test_a_second_journal_on_the_same_directory_is_refused(tmp_path: Path) -> None:
+    """Only one process may use a state directory: a second open fails for good, naming
+    the reason, and works once the first is closed."""
+    first = await Journal.open(tmp_path)
+    try:
+        with pytest.raises(JournalError, match="another process") as info:
+            await Journal.open(tmp_path, tolerate_faults=True)
+        assert info.value.permanent
+    finally:
+        await first.close()
+    again = await Journal.open(tmp_path)
+    await again.close()
+
+
+async def test_missing_directory_is_tolerated_then_opened_when_it_appears(
+        tmp_path: Path) -> None:
+    """With tolerate_faults a journal whose directory is missing is returned unopened; every
+    call fails naming the directory until it exists, then the journal opens by itself."""
+    state = tmp_path / "state"
+    j = await Journal.open(state, tolerate_faults=True)
+    try:
+        assert not j.is_open
+        assert j.fault is not None and "mkdir -p" in j.fault
+        with pytest.raises(JournalError, match="missing"):
+            await j.insert(_msg(1), M.QUEUED, 1.0)
+        state.mkdir()
+        await j.check_writable()
+        assert j.fault is None
+        assert j.is_open
+        await j.insert(_msg(1), M.QUEUED, 1.0)
+        assert (await j.get("msg-0001")) is not None
+    finally:
+        await j.close()
+
+
+async def test_deleted_state_directory_is_refused_then_written_back(tmp_path: Path) -> None:
+    """When the state directory is deleted under an open journal nothing more is committed
+    into the deleted file; once the directory exists again the copy still open is written
+    back, so that every committed row is on disk again."""
+    state = tmp_path / "state"
+    state.mkdir()
+    j = await Journal.open(state)
+    try:
+        for n in range(3):
+            await j.insert(_msg(n), M.QUEUED, 1.0)
+        shutil.rmtree(state)
+        with pytest.raises(JournalError, match="deleted") as info:
+            await j.insert(_msg(3), M.QUEUED, 1.0)
+        assert info.value.fault
+        with pytest.raises(JournalError, match="missing"):
+            await j.check_writable()
+        state.mkdir()
+        await j.check_writable()
+        assert j.fault is None
+        await j.insert(_msg(4), M.QUEUED, 1.0)
+    finally:
+        await j.close()
+    j2 = await Journal.open(state)
+    try:
+        ids = [r.id for r in await j2.active()]
+    finally:
+        await j2.close()
+    assert ids == ["msg-0000", "msg-0001", "msg-0002", "msg-0004"]
+
+
+async def test_replaced_journal_file_is_never_overwritten(tmp_path: Path) -> None:
+    """A journal file replaced by another file while open is refused, left alone, and the
+    open copy is written back once that file is moved away."""
+    j = await Journal.open(tmp_path)
+    try:
+        await j.insert(_msg(0), M.QUEUED, 1.0)
+        other = tmp_path / "other.sqlite3"
+        other.write_bytes(b"someone else's file")
+        os.replace(other, j.path)
+        with pytest.raises(JournalError, match="replaced"):
+            await j.insert(_msg(1), M.QUEUED, 1.0)
+        with pytest.raises(JournalError, match="replaced"):
+            await j.check_writable()
+        assert j.path.read_bytes() == b"someone else's file"
+        os.replace(j.path, tmp_path / "moved-away")
+        await j.check_writable()
+        assert [r.id for r in await j.active()] == ["msg-0000"]
+    finally:
+        await j.close()
+
+
+async def test_corrupt_file_is_named_and_a_clean_one_opens(tmp_path: Path) -> None:
+    """A journal file that is not a database is a fault naming the corruption and what to
+    do; after the operator moves it away the journal opens afresh."""
+    (tmp_path / JOURNAL_FILE).write_bytes(b"\x00garbage" * 1000)
+    with pytest.raises(JournalError, match="corrupt"):
+        await Journal.open(tmp_path)
+    j = await Journal.open(tmp_path, tolerate_faults=True)
+    try:
+        assert j.fault is not None and "corrupt" in j.fault and "move it away" in j.fault
+        with pytest.raises(JournalError, match="corrupt"):
+            await j.insert(_msg(1), M.QUEUED, 1.0)
+        os.replace(tmp_path / JOURNAL_FILE, tmp_path / "journal.corrupt")
+        await j.check_writable()
+        await j.insert(_msg(1), M.QUEUED, 1.0)
+    finally:
+        await j.close()
+
+
+async def test_locked_journal_fails_writes_and_recovers(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While another process holds the write lock, writes fail after the busy timeout with a
+    fault naming the lock; once it is released they succeed again."""
+    monkeypatch.setattr(journal_module, "BUSY_TIMEOUT_MS", 200)
+    j = await Journal.open(tmp_path)
+    other = sqlite3.connect(j.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(JournalError, match="locked") as info:
+            await j.insert(_msg(1), M.QUEUED, 1.0)
+        assert info.value.fault
+        assert j.fault is not None and "locked" in j.fault
+        other.execute("ROLLBACK")
+        await j.check_writable()
+        assert j.fault is None
+        await j.insert(_msg(1), M.QUEUED, 1.0)
+    finally:
+        other.close()
+        await j.close()
+
+
+async def test_size_bound_refuses_sends_until_pruning_frees_room(journal: Journal) -> None:
+    """Over limits.max_journal_bytes an insert is a fault naming the limit; the probe keeps
+    failing until finished rows are pruned, then inserts work again."""
+    journal.max_bytes = 400_000
+    body = b"x" * 20_000
+    refused: JournalError | None = None
+    n = 0
+    for n in range(100):
+        try:
+            await journal.insert(_msg(n, body=body), M.QUEUED, 1.0)
+        except JournalError as exc:
+            refused = exc
+            break
+    assert refused is not None and "max_journal_bytes" in refused.cause
+    assert 5 < n < 30
+    assert journal.fault is not None
+    with pytest.raises(JournalError, match="max_journal_bytes"):
+        await journal.check_writable()
+    for i in range(n):
+        await journal.record(f"msg-{i:04d}", Progress(M.DELIVERED, 1, 0, 0, 2.0, None, "K"),
+                             2.0)
+    assert await journal.prune(3.0, None, 0.0) == (n, 0)
+    await journal.check_writable()
+    assert journal.fault is None
+    await journal.insert(_msg(999, body=body), M.QUEUED, 4.0)
+
+
+# --------------------------------------------------------------------------- retention
+
+
+async def test_prune_deletes_only_old_finished_rows(journal: Journal) -> None:
+    """Pruning deletes delivered and cancelled rows last changed before the cut-off; active
+    rows are never deleted, dead ones only with their own cut-off."""
+    states = [M.DELIVERED, M.CANCELLED, M.DEAD, M.QUEUED, M.UNKNOWN, M.SENDING, M.DELIVERED]
+    for n, state in enumerate(states):
+        await journal.insert(_msg(n), state, 10.0 if n < 6 else 50.0)
+    assert await journal.prune(20.0, None, 0.0) == (2, 0)
+    left = {r.id for r in await journal.list_messages()}
+    assert left == {"msg-0002", "msg-0003", "msg-0004", "msg-0005", "msg-0006"}
+    assert await journal.prune(20.0, 20.0, 0.0) == (1, 0)
+    assert "msg-0002" not in {r.id for r in await journal.list_messages()}
+    assert await journal.prune(20.0, 20.0, 0.0) == (0, 0)
+
+
+async def test_prune_deletes_old_keys_and_keys_of_deleted_messages(journal: Journal) -> None:
+    """Idempotency keys go when older than their cut-off, or with their message."""
+    await journal.insert(_msg(0), M.DELIVERED, 10.0, IdempotencyKey("old", "f"))
+    await journal.insert(_msg(1), M.QUEUED, 10.0, IdempotencyKey("k-live", "f"))
+    await journal.insert(_msg(2), M.QUEUED, 100.0, IdempotencyKey("k-new", "f"))
+    # message 0 is pruned (finished before 20), taking its key; k-live is older than 50
+    assert await journal.prune(20.0, None, 50.0) == (1, 2)
+    assert await journal.find_key(ID, "k-new", 0.0) is not None
+    assert await journal.find_key(ID, "k-live", 0.0) is None
+
+
+# --------------------------------------------------------------------------- idempotency
+
+
+async def test_key_is_stored_with_its_message_and_its_answer(journal: Journal) -> None:
+    """A key is stored in the send's transaction; its answer is added once; a second send with
+    a live key raises KeyInUse and stores nothing; an expired key is replaced."""
+    key = IdempotencyKey("key-1", "fp-1")
+    await journal.insert(_msg(1), M.QUEUED, 100.0, key, keys_after=0.0)
+    stored = await journal.find_key(ID, "key-1", 0.0)
+    assert stored is not None
+    assert (stored.message_id, stored.fingerprint, stored.status) == ("msg-0001", "fp-1", None)
+    await journal.store_answer(ID, "key-1", 202, "application/json", b'{"a":1}')
+    await journal.store_answer(ID, "key-1", 500, "text/plain", b"later")  # the first stays
+    stored = await journal.find_key(ID, "key-1", 0.0)
+    assert stored is not None
+    assert (stored.status, stored.content_type, stored.body) == (
+        202, "application/json", b'{"a":1}')
+    with pytest.raises(KeyInUse):
+        await journal.insert(_msg(2), M.QUEUED, 150.0, key, keys_after=50.0)
+    assert await journal.get("msg-0002") is None
+    assert await journal.find_key("68B2F3C55B019", "key-1", 0.0) is None  # per instance
+    # expired (created at 100, keys after 120 are live): the key is taken again
+    assert await journal.find_key(ID, "key-1", 120.0) is None
+    await journal.insert(_msg(3), M.QUEUED, 200.0, key, keys_after=120.0)
+    stored = await journal.find_key(ID, "key-1", 120.0)
+    assert stored is not None
+    assert (stored.message_id, stored.status) == ("msg-0003", None)
+
+
+# --------------------------------------------------------------------------- admin changes
+
+CHANGES = [
+    # (state before, requeue allowed, cancel allowed)
+    (M.QUEUED, False, True),
+    (M.SENDING, False, False),
+    (M.UNKNOWN, True, True),
+    (M.DELIVERED, False, False),
+    (M.DEAD, True, False),
+    (M.CANCELLED, True, False),
+]
+
+
+@pytest.mark.parametrize(("before", "requeue_ok", "cancel_ok"), CHANGES,
+                         ids=[c[0].value for c in CHANGES])
+async def test_admin_changes_by_state(journal: Journal, before: MessageState,
+                                      requeue_ok: bool, cancel_ok: bool) -> None:
+    """Requeue takes dead, unknown and cancelled messages back to queued (failures reset,
+    attempts kept); cancel takes queued and unknown ones; anything else is left as it is."""
+    await journal.insert(_msg(1), before, 1.0)
+    await journal.record("msg-0001", Progress(before, 2, 2, 1, 1.0, "boom"), 1.0)
+    change = await journal.requeue("msg-0001", 5.0)
+    assert change.before is before
+    if requeue_ok:
+        assert change.row is not None
+        assert (change.row.state, change.row.failures, change.row.attempts) == (M.QUEUED, 0, 2)
+        assert change.row.next_attempt_at == 5.0
+    else:
+        assert change.row is None
+        row = await journal.get("msg-0001")
+        assert row is not None and row.state is before
+    await journal.record("msg-0001", Progress(before, 2, 2, 1, 1.0, "boom"), 1.0)
+    change = await journal.cancel("msg-0001", 6.0)
+    assert change.before is before
+    assert (change.row is not None) is cancel_ok
+    if change.row is not None:
+        assert change.row.state is M.CANCELLED
+    missing = await journal.requeue("nope", 1.0)
+    assert (missing.before, missing.row) == (None, None)
+
+
+async def test_requeue_dead_by_instance_or_all(journal: Journal) -> None:
+    """All dead messages of one instance, or of all, go back to queued in seq order."""
+    other = "68B2F3C55B019"
+    for n, (inst, state) in enumerate([(ID, M.DEAD), (other, M.DEAD), (ID, M.DELIVERED),
+                                       (ID, M.DEAD)]):
+        await journal.insert(_msg(n, instance_id=inst), state, 1.0)
+    rows = await journal.requeue_dead(ID, 2.0)
+    assert [r.id for r in rows] == ["msg-0000", "msg-0003"]
+    assert all(r.state is M.QUEUED and r.failures == 0 for r in rows)
+    assert [r.id for r in await journal.requeue_dead(None, 3.0)] == ["msg-0001"]
+    assert await journal.requeue_dead(None, 3.0) == []
+    assert await journal.counts() == {ID: {"queued": 2, "delivered": 1}, other: {"queued": 1}}
+
+
+async def test_paused_instances_round_trip(tmp_path: Path) -> None:
+    """Paused instances are stored, listed, resumed, and kept across a reopen."""
+    j = await Journal.open(tmp_path)
+    await j.set_paused(ID, True, 1.0)
+    await j.set_paused(ID, True, 2.0)
+    await j.set_paused("68B2F3C55B019", True, 1.0)
+    await j.set_paused("68B2F3C55B019", False, 1.0)
+    await j.close()
+    j = await Journal.open(tmp_path)
+    try:
+        assert await j.paused_instances() == {ID}
+    finally:
+        await j.close()
+
+
+async def test_recover_in_flight_with_on_unknown_fail_makes_them_dead(journal: Journal) -> None:
+    """With queue.on_unknown fail, sends left ``sending`` by a crash become ``dead`` (never
+    sent again), their unknown attempt counted and the reason named."""
+    await journal.insert(_msg(1), M.SENDING, 1.0)
+    await journal.insert(_msg(2), M.QUEUED, 1.0)
+    assert await journal.recover_in_flight(3.0, "fail") == 1
+    row = await journal.get("msg-0001")
+    assert row is not None
+    assert (row.state, row.unknown_count) == (M.DEAD, 1)
+    assert row.last_error is not None and "on_unknown is 'fail'" in row.last_error
+    assert [r.id for r in await journal.active()] == ["msg-0002"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,14 @@ from hypothesis import strategies as st
 
 from supervisor import events
 from supervisor.events import EventKind
-from supervisor.records import MAX_RECORD_LINES, Assembler, Record
+from supervisor.records import (
+    MAX_RECORD_LINES,
+    PM2_TIME_PREFIX,
+    Assembler,
+    LineSplitter,
+    Record,
+    strip_prefix,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -227,3 +235,190 @@ def test_real_capture_soak() -> None:
         event = events.parse(rec.text)
         assert event is not None
         assert (event.kind, event.code) == (EventKind.DISCONNECTED, 408), rec.line
+
+
+def test_real_capture_events_per_kind() -> None:
+    """The real capture gives every one of its 48 408s, no conflict, and these counts exactly."""
+    lines = _lines("real_apiblast_capture.log")
+    found = [e for e in (events.parse(r.text) for r in _assemble(lines)) if e is not None]
+    counts: dict[tuple[str, int | None], int] = {}
+    for e in found:
+        counts[(e.kind.value, e.code)] = counts.get((e.kind.value, e.code), 0) + 1
+    # 48 dumps carry "    statusCode: 408," (18 QR timeouts and 6 WebSocket errors, each
+    # printed twice: "Last disconnect error:" and "Connection closed, reason:").
+    assert sum(1 for line in lines if line == "    statusCode: 408,") == 48
+    assert counts == {
+        ("disconnected", 408): 48,
+        # 30 "Connection update: close QR: None" and 6 "Connection closed, reason: undefined"
+        ("disconnected", None): 36,
+        # 129 "Connection update: undefined QR: Generated" + 129 "QR Code generated for …"
+        ("qr", None): 258,
+        # 32 "Connection update: connecting" + 3 "Creating new WhatsApp socket for instance"
+        ("connecting", None): 35,
+        ("upstream_started", None): 1,
+    }
+    assert not any(e.kind is EventKind.CONFLICT for e in found)
+
+
+# --------------------------------------------------------------------------- bytes → lines
+
+
+def test_splitter_keeps_a_half_written_line() -> None:
+    """A line without its newline waits; its start offset is where reading resumes."""
+    sp = LineSplitter()
+    assert sp.feed(b"State 1\nready") == (["State 1"], [0])
+    assert (sp.offset, sp.pending_bytes) == (8, 5)
+    assert sp.feed(b"State 1\n") == (["readyState 1"], [8])
+    assert (sp.offset, sp.pending_bytes) == (21, 0)
+
+
+@pytest.mark.parametrize(
+    ("data", "lines"),
+    [
+        (b"a\r\nb\n", ["a", "b"]),
+        (b"\xff\xfe bad\n", ["\ufffd\ufffd bad"]),
+        (b"nul\x00inside\n", ["nul\x00inside"]),
+        (b"\n\n", ["", ""]),
+        (b"caf\xc3\xa9\n", ["caf\u00e9"]),
+    ],
+)
+def test_splitter_decodes_any_bytes(data: bytes, lines: list[str]) -> None:
+    """CRLF, invalid UTF-8, NUL and empty lines come out as text without raising."""
+    assert LineSplitter().feed(data)[0] == lines
+
+
+def test_splitter_cuts_long_lines_with_bounded_memory() -> None:
+    """A line over ``max_line_bytes`` keeps its head; the rest is skipped, never buffered."""
+    sp = LineSplitter(max_line_bytes=1024)
+    for _ in range(100):  # 100 KiB of one line, fed in 1 KiB pieces
+        assert sp.feed(b"x" * 1024) == ([], [])
+        assert len(sp._buf) <= 1024
+    lines, starts = sp.feed(b"tail\nnext\n")
+    assert lines == ["x" * 1024, "next"]
+    assert starts == [0, 100 * 1024 + 5]
+    assert sp.cut_lines == 1
+
+
+def test_splitter_end_returns_the_unterminated_rest() -> None:
+    """At the end of a stream the unterminated rest is the last line (once)."""
+    sp = LineSplitter()
+    sp.feed(b"one\ntwo")
+    assert sp.end() == (["two"], [4])
+    assert sp.end() == ([], [])
+    assert sp.offset == 7
+
+
+@pytest.mark.parametrize(
+    ("line", "stripped"),
+    [
+        ("2025-07-23T05:41:01: WAZIPER IS LIVE", "WAZIPER IS LIVE"),
+        ("2025-07-23T05:41:01.815Z: State 1", "State 1"),
+        ("2025-07-23T05:41:01+07:00: State 1", "State 1"),
+        ("2025-07-23T05:41:01:     at x (y.js:1:1)", "    at x (y.js:1:1)"),
+        ("WAZIPER IS LIVE", "WAZIPER IS LIVE"),
+        ('{"level":30,"time":"2025-07-23T05:41:01.815Z","msg":"x"}',
+         '{"level":30,"time":"2025-07-23T05:41:01.815Z","msg":"x"}'),
+    ],
+)
+def test_pm2_time_prefix_is_stripped(line: str, stripped: str) -> None:
+    """pm2 ``--time`` prefixes are removed; frames keep their indentation; JSON is untouched."""
+    assert strip_prefix(line, re.compile(PM2_TIME_PREFIX)) == stripped
+    assert strip_prefix(line, None) == line
+
+
+# --------------------------------------------------------------------------- time bounds
+
+
+FRAMES_ONLY = ["Error: Connection Failure", "    at a (x.js:1:1)", "    at b (x.js:2:2)"]
+
+
+def test_idle_ends_an_error_with_frames_only() -> None:
+    """When the source has nothing more to read, an error with only frames is a record."""
+    asm = Assembler()
+    assert list(asm.feed(FRAMES_ONLY, 1)) == []
+    assert asm.pending_line == 1
+    assert list(asm.idle()) == [Record("\n".join(FRAMES_ONLY), 1)]
+    assert asm.pending_line is None
+
+
+def test_idle_does_not_end_an_open_object() -> None:
+    """An object whose brace is still open keeps waiting when the source goes idle."""
+    asm = Assembler()
+    opening = STOCK[12:25]  # "Error: Stream Errored (conflict)" … "  isBoom: true,"
+    assert list(asm.feed(opening, 13)) == []
+    assert list(asm.idle()) == []
+    assert asm.pending_line == 13
+
+
+def test_expire_gives_up_after_the_timeout_since_the_last_line() -> None:
+    """An unfinished block ends ``timeout_s`` after its last line, not after its first."""
+    asm = Assembler(timeout_s=2.0)
+    assert list(asm.feed(["OPEN STEP 1 {"], 1, now=10.0)) == []
+    assert list(asm.feed(["  id: 'x',"], 2, now=11.5)) == []
+    assert asm.deadline == 13.5
+    assert list(asm.expire(13.4)) == []
+    assert list(asm.expire(13.5)) == [Record("OPEN STEP 1 {\n  id: 'x',", 1)]
+    assert asm.deadline is None
+
+
+def test_json_line_ends_an_unfinished_block() -> None:
+    """A pino line arriving inside an open block ends the block and stays a record of its own."""
+    pino = PINO[3]
+    records = list(Assembler().feed(["{", "  status: 0,", pino], 1))
+    assert records == [Record("{\n  status: 0,", 1), Record(pino, 3)]
+
+
+def test_max_lines_is_configurable() -> None:
+    """``max_lines`` bounds a block (``log_source.max_record_lines``)."""
+    asm = Assembler(max_lines=3)
+    records = list(asm.feed(["{", "  a: 1,", "  b: 2,", "  c: 3,", "}"], 1)) + list(asm.flush())
+    assert [r.line for r in records] == [1, 4, 5]
+
+
+# --------------------------------------------------------------------------- property
+
+_SAMPLES = [
+    (FIXTURES / name).read_bytes()
+    for name in ("apiblast_stock_console.log", "apiblast_variant_console.log",
+                 "baileys_pino_v6_v7.jsonl", "readme_style_console.log")
+]
+
+
+def _events_of(chunks: list[bytes]) -> list[tuple[int, str, int | None, str | None]]:
+    """Bytes → lines → records → events, fed chunk by chunk, flushed at the end."""
+    sp = LineSplitter(max_line_bytes=4096)
+    asm = Assembler()
+    line_no = 1
+    records: list[Record] = []
+    for chunk in chunks:
+        lines, _ = sp.feed(chunk)
+        records.extend(asm.feed(lines, line_no))
+        line_no += len(lines)
+    rest, _ = sp.end()
+    records.extend(asm.feed(rest, line_no))
+    records.extend(asm.flush())
+    out = []
+    for rec in records:
+        ev = events.parse(rec.text)
+        if ev is not None:
+            out.append((rec.line, ev.kind.value, ev.code, ev.instance_id))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.one_of(st.sampled_from(_SAMPLES), st.binary(max_size=300),
+                       st.sampled_from([b"\n", b"{", b"}", b"    at x (y.js:1:1)\n",
+                                        b"Error: Connection Failure\n", b"\x00", b"\xff\xfe",
+                                        b'{"msg":"opened connection to WA"}\n',
+                                        b"x" * 5000])),
+             max_size=12),
+    st.lists(st.integers(min_value=0, max_value=60_000), max_size=25),
+)
+def test_any_bytes_split_anywhere_give_the_same_events(parts: list[bytes], cuts: list[int]
+                                                      ) -> None:
+    """Arbitrary byte streams split at arbitrary points give the events of the whole stream."""
+    data = b"".join(parts)
+    points = sorted({min(c, len(data)) for c in cuts})
+    chunks = [data[a:b] for a, b in itertools.pairwise([0, *points, len(data)])]
+    assert _events_of(chunks) == _events_of([data])
