@@ -17,7 +17,17 @@ from .auth import Authenticator
 from .clock import Clock
 from .config import Config
 from .dashboard import Dashboard
-from .health import Facts, Health, Limits, instance_health, recommend, worst
+from .health import (
+    Facts,
+    GlobalFacts,
+    Health,
+    Limits,
+    global_health,
+    instance_health,
+    recommend,
+    recommend_global,
+    worst,
+)
 from .journal import Journal, JournalError, MessageRow, MessageState
 from .metrics import InstanceSample, Metrics
 from .proxy import json_error
@@ -207,9 +217,9 @@ class Api:
         ids = sorted(set(self.sessions.known()) | set(self.replayer.lanes) | set(per))
         summaries = [await self.instance_summary(i, per.get(i)) for i in ids]
         total = overall(per.values())
-        healths = [Health(s["health"]) for s in summaries]
-        if problems:
-            healths.append(Health.CRITICAL)
+        facts = self._global_facts(problems)
+        healths = [Health(s["health"]) for s in summaries] + [global_health(facts)]
+        general = [r.as_dict() for r in recommend_global(facts, Limits.from_config(self.cfg))]
         return {
             "generated_at": _iso(self.clock.time()),
             "overall": {
@@ -223,9 +233,18 @@ class Api:
                 "stats": total.as_dict(window_s),
             },
             "instances": summaries,
-            "recommendations": [r for s in summaries for r in s["recommendations"]],
+            "recommendations": general + [r for s in summaries for r in s["recommendations"]],
             "problems": problems,
         }
+
+    def _global_facts(self, problems: Mapping[str, str]) -> GlobalFacts:
+        """Supervisor-wide facts: its failing components, and api-blast's liveness when the
+        ``api_blast`` section of ``/supervisor/health`` is there (recovery's liveness check)."""
+        section = self.sections.get("api_blast")
+        view = section() if section is not None else {}
+        return GlobalFacts(api_blast=str(view.get("state", "unknown")),
+                           api_blast_error=view.get("last_error"),
+                           api_blast_down_s=view.get("since_s"), problems=dict(problems))
 
     async def instances(self, request: web.Request) -> web.Response:
         """Every instance with its figures, the overall figures and the recommendations."""

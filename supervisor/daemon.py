@@ -456,6 +456,7 @@ class Supervisor:
             self.procwatch.reconfigure(cfg.process, cfg.upstream.url)
         if self.recovery is not None:
             self.recovery.reconfigure(cfg.recovery, cfg.session)
+        self.housekeeper.reconfigure(cfg)
         self.reloads += 1
         for key in restart:
             log.warning("reload: %s changed but is only read at startup: restart the service "

@@ -301,6 +301,67 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class GlobalFacts:
+    """What the supervisor-wide rules look at."""
+
+    api_blast: str = "unknown"  # liveness of api-blast's GET /: unknown, up, down
+    api_blast_error: str | None = None
+    api_blast_down_s: float | None = None  # seconds since it was found down
+    problems: Mapping[str, str] = field(default_factory=dict)  # failing component -> cause
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalRule:
+    """A supervisor-wide recommendation rule (no instance)."""
+
+    name: str
+    severity: Severity
+    when: Callable[[GlobalFacts, Limits], Evidence | None]
+    advice: Callable[[Evidence], str]
+
+
+def _api_blast_down(g: GlobalFacts, lim: Limits) -> Evidence | None:
+    if g.api_blast != "down":
+        return None
+    return {"api_blast": g.api_blast, "error": g.api_blast_error,
+            "down_for_s": None if g.api_blast_down_s is None else round(g.api_blast_down_s, 1),
+            "upstream": lim.upstream_url}
+
+
+def _failing(g: GlobalFacts, lim: Limits) -> Evidence | None:
+    return {"problems": dict(g.problems)} if g.problems else None
+
+
+GLOBAL_RULES: tuple[GlobalRule, ...] = (
+    GlobalRule("api_blast_down", Severity.CRITICAL, _api_blast_down, lambda e: (
+        f"api-blast at {e['upstream']} does not answer its liveness check"
+        f"{' (' + str(e['error']) + ')' if e['error'] else ''}: every send is held until it "
+        f"does; check its service (systemctl status api-blast, or pm2 status)")),
+    GlobalRule("supervisor_failing", Severity.CRITICAL, _failing, lambda e: (
+        "the supervisor itself is failing: " + "; ".join(
+            f"{k}: {v}" for k, v in sorted(e["problems"].items()))
+        + " (see GET /supervisor/health)")),
+)
+
+
+def global_health(g: GlobalFacts) -> Health:
+    """Critical when api-blast is down or a component of the supervisor fails."""
+    return Health.CRITICAL if g.api_blast == "down" or g.problems else Health.HEALTHY
+
+
+def recommend_global(facts: GlobalFacts, limits: Limits,
+                     rules: Iterable[GlobalRule] = GLOBAL_RULES) -> list[Recommendation]:
+    """Every supervisor-wide rule that fires."""
+    out = []
+    for rule in rules:
+        evidence = rule.when(facts, limits)
+        if evidence is not None:
+            out.append(Recommendation(rule.name, rule.severity, None, rule.advice(evidence),
+                                      evidence))
+    return out
+
+
 def recommend(facts: Facts, limits: Limits,
               rules: Iterable[Rule] = RULES) -> list[Recommendation]:
     """Every rule that fires for ``facts``, in rule order, minus the ones a firing rule hides."""

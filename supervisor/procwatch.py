@@ -429,6 +429,7 @@ class ProcessWatcher:
             "restarts": self.stats.restarts,
             "duplicates": [{"pids": list(d.pids), "reason": d.reason} for d in self.duplicates],
             "actions": list(self.actions),
+            "recommendations": self.recommendations(),
         }
         if self.problem and t is None:
             out["problem"] = self.problem

@@ -450,6 +450,7 @@ class Recovery:
                        "liveness_failures": self.stats.liveness_failures,
                        "child_restarts": self.stats.child_restarts},
             "actions": list(self.actions),
+            "recommendations": self.recommendations(),
         }
 
     def api_blast_view(self) -> dict[str, Any]:

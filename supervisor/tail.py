@@ -338,7 +338,7 @@ class FileTail:
         found = same or fits
         if not found:
             return
-        f = self._open(found[0].path, old.offset)
+        f = self._open_info(found[0], old.offset)
         if f is not None:
             log.info("reading on %s (rotated away) from byte %d", f.path, old.offset)
             self._old = f
@@ -350,7 +350,7 @@ class FileTail:
         for n, (info, start) in enumerate(plan, 1):
             log.info("reading %s (rotated while the supervisor was stopped) from byte %d",
                      info.path, start)
-            f = self._open(info.path, start)
+            f = self._open_info(info, start)
             if f is None:
                 continue
             await self._drain(f, self.stream)
@@ -378,7 +378,7 @@ class FileTail:
             if not newer:
                 break
             for info in newer:
-                f = self._open(info.path, 0)
+                f = self._open_info(info, 0)
                 skip.add((info.device, info.inode))
                 last_mtime_ns = max(last_mtime_ns, info.mtime_ns)
                 if f is not None:
@@ -437,7 +437,7 @@ class FileTail:
             last = max(last, info.mtime_ns)
             if (info.device, info.inode) in skip:
                 continue
-            f = self._open(info.path, start)
+            f = self._open_info(info, start)
             if f is not None:
                 log.info("reading %s (rotated in between) from byte %d", info.path, start)
                 await self._drain(f, self.stream)
@@ -456,7 +456,7 @@ class FileTail:
         if unread:
             copy = min(unread, key=lambda s: s.mtime_ns)
             self._done = {(copy.device, copy.inode)}  # older generations have another head
-            f = self._open(copy.path, offset) if copy.size > offset else None
+            f = self._open_info(copy, offset) if copy.size > offset else None
             if f is not None:
                 f.head, f.splitter = cur.head, cur.splitter  # the same bytes at the same offsets
                 await self._drain(f, self.stream)
@@ -551,6 +551,37 @@ class FileTail:
         f.grew_at = self._clock.monotonic()
         return f
 
+    def _open_info(self, info: FileInfo, offset: int) -> _Open | None:
+        """Open the file ``info`` describes, even if a rotation renamed it meanwhile (it is
+        found again by device and inode); None when it is gone."""
+        f = self._open(info.path, offset)
+        if f is not None and (f.device, f.inode) == (info.device, info.inode):
+            return f
+        if f is not None:
+            f.fh.close()
+        for name in [self.path.name, *self._sibling_names()]:
+            path = str(self.path.parent / name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (info.device, info.inode):
+                log.info("%s was renamed to %s meanwhile", info.path, path)
+                g = self._open(path, offset)
+                if g is not None and (g.device, g.inode) == (info.device, info.inode):
+                    return g
+                if g is not None:
+                    g.fh.close()
+        log.warning("%s is gone (rotated away and deleted): its unread lines are lost",
+                    info.path)
+        return None
+
+    def _sibling_names(self) -> list[str]:
+        try:
+            return rotated_siblings(self.path.name, os.listdir(self.path.parent))
+        except OSError:
+            return []
+
     @staticmethod
     def _head_of(f: _Open, count: int | None = None) -> str:
         n = head_count(f.head) if count is None else count
@@ -576,12 +607,8 @@ class FileTail:
 
     def _siblings(self, fingerprint: str) -> list[FileInfo]:
         directory = self.path.parent
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            return []
         out = []
-        for name in rotated_siblings(self.path.name, names):
+        for name in self._sibling_names():
             info = self._info(str(directory / name), fingerprint)
             if info is not None:
                 out.append(info)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import INSTANCE, TOKEN, Child, http, start_supervisor, wait_until
@@ -172,3 +173,30 @@ def test_figures_survive_a_kill(tmp_path: Path, children: list[Child]) -> None:
     assert after["total"] == before["total"]
     assert after["window"] == before["window"]
     assert s.instance(INSTANCE)["success_rate"] == round(100 * 2 / 3, 2)
+
+
+def test_api_blast_down_is_critical_with_advice(tmp_path: Path, children: list[Child]) -> None:
+    """With api-blast gone, the liveness check and a send that cannot connect make the overall
+    health critical, with a supervisor-wide and an instance recommendation; the dashboard's
+    data says so too."""
+    s = start_stack(children, tmp_path, session={"keepalive_s": 0.2},
+                    recovery={"liveness_timeout_s": 0.5, "down_after": 2})
+    assert s.wait_final([s.send_ok("before")]) == ["delivered"]
+    sim = next(c for c in children if "simulate" in c.args)
+    sim.stop(signal.SIGKILL)
+    status, _, doc = s.send("while api-blast is down")
+    assert status == 202 and doc["queued"] is True
+
+    def down() -> dict[str, Any] | None:
+        view = s.instances()
+        rules = {r["rule"] for r in view["recommendations"]}
+        return view if {"api_blast_down", "upstream_unreachable"} <= rules else None
+    view = wait_until(down, 15, "api-blast seen down")
+    assert view["overall"]["health"] == "critical"
+    general = next(r for r in view["recommendations"] if r["rule"] == "api_blast_down")
+    assert general["instance_id"] is None and general["severity"] == "critical"
+    assert general["evidence"]["api_blast"] == "down"
+    assert f"http://127.0.0.1:{s.sim_port}" in general["text"]
+    per = next(r for r in s.instance(INSTANCE)["recommendations"]
+               if r["rule"] == "upstream_unreachable")
+    assert per["evidence"]["failed_connections"] >= 1

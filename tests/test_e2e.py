@@ -123,7 +123,8 @@ def test_message_failing_max_retries_ends_dead_and_is_listed(
     _, _, listing = http("GET", f"http://127.0.0.1:{port}/supervisor/messages?state=dead")
     assert [m["message_id"] for m in listing["messages"]] == [mid]
     _, _, inst = http("GET", f"http://127.0.0.1:{port}/supervisor/instances")
-    assert inst["instances"][0]["counts"]["dead"] == 1
+    assert inst["instances"][0]["queue"]["dead"] == 1
+    assert inst["instances"][0]["stats"]["total"]["dead"] == 1
     assert sim_sent(sim_port)["sent"] == []
 
 

@@ -10,12 +10,15 @@ from supervisor.config import MonitoringConfig, parse_config
 from supervisor.health import (
     RULES,
     Facts,
+    GlobalFacts,
     Health,
     Limits,
     Severity,
     figures_health,
+    global_health,
     instance_health,
     recommend,
+    recommend_global,
     worst,
 )
 from supervisor.sessions import SessionState as S
@@ -227,3 +230,24 @@ def test_a_ready_remembered_during_a_conflict_hold_shows_once_the_hold_is_over()
     sessions.apply(Event(EventKind.READY, ID, None, ATTRIBUTION_ID), 2.0)
     assert sessions.get(ID).view_state(10.0, 120.0) is S.CONFLICT
     assert sessions.get(ID).view_state(30.0, 120.0) is S.READY
+
+
+@pytest.mark.parametrize(("facts", "rules", "health", "words"), [
+    (GlobalFacts(), [], Health.HEALTHY, []),
+    (GlobalFacts(api_blast="up"), [], Health.HEALTHY, []),
+    (GlobalFacts(api_blast="down", api_blast_error="connection refused", api_blast_down_s=42.0),
+     ["api_blast_down"], Health.CRITICAL,
+     ["http://127.0.0.1:8000 does not answer", "(connection refused)", "every send is held"]),
+    (GlobalFacts(problems={"journal": "the disk holding x is full"}), ["supervisor_failing"],
+     Health.CRITICAL, ["journal: the disk holding x is full", "GET /supervisor/health"]),
+])
+def test_supervisor_wide_rules(facts: GlobalFacts, rules: list[str], health: Health,
+                               words: list[str]) -> None:
+    """api-blast down and a failing component are critical, with advice and evidence."""
+    recs = recommend_global(facts, LIMITS)
+    assert [r.rule for r in recs] == rules
+    assert global_health(facts) is health
+    for w in words:
+        assert w in recs[0].text, (w, recs[0].text)
+    for r in recs:
+        assert r.instance_id is None and r.evidence

@@ -3,6 +3,8 @@ run as the installed unit would run it, and its own log rotated by the installed
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shlex
@@ -16,6 +18,7 @@ import pytest
 import yaml
 from conftest import REPO, Child, free_port, http, start_simulator, wait_until
 
+from supervisor.cli import main
 from supervisor.config import load_config
 from supervisor.install import Options, render_config, render_logrotate, render_unit, shipped
 
@@ -23,8 +26,19 @@ CLI = [sys.executable, "-m", "supervisor"]
 
 
 def install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, "install-systemd", "--root", str(root), *args], cwd=REPO,
-                          capture_output=True, text=True, check=False, timeout=60)
+    """``blast-supervisor install-systemd --root ROOT ARGS…``, run in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["install-systemd", "--root", str(root), *args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def test_the_command_line_entry_point_installs(tmp_path: Path) -> None:
+    """`python -m supervisor install-systemd` works as a command (exit 0, files written)."""
+    res = subprocess.run([*CLI, "install-systemd", "--root", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, check=False, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "etc/systemd/system/blast-supervisor.service").is_file()
 
 
 def logrotate() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -439,3 +440,36 @@ def test_daemon_nudges_a_stalled_instance_of_the_simulator(
     metrics = http("GET", f"http://127.0.0.1:{port}/supervisor/metrics")[2].decode()
     assert 'blast_supervisor_recovery_actions_total{action="nudge"}' in metrics
     assert "blast_supervisor_api_blast_up 1.0" in metrics
+
+
+def test_daemon_restarts_a_command_child_that_stops_answering_with_backoff(
+        tmp_path: Path, children: list[Child]) -> None:
+    """log_source command: a Node child that never answers GET / is restarted after
+    restart_after_s, then again with a doubling, capped backoff (a new pid each time)."""
+    port = free_port()
+    never_answers = "setInterval(() => {}, 1000)"  # alive, but api-blast never answers
+    cfg, sup_port = supervisor_config(
+        tmp_path, port, tmp_path / "unused.log",
+        log_source={"type": "command", "command": ["node", "-e", never_answers],
+                    "cwd": str(tmp_path), "stop_timeout_s": 1},
+        session={"keepalive_s": 0.1},
+        recovery={"liveness_timeout_s": 0.2, "down_after": 2, "restart_after_s": 0.25,
+                  "restart_backoff_s": 0.25, "restart_max_backoff_s": 1.0},
+        process={"enabled": False})
+    sup = start_supervisor(children, tmp_path, cfg, sup_port)
+
+    def restarts() -> list[dict[str, Any]]:
+        health = http("GET", f"http://127.0.0.1:{sup_port}/supervisor/health")[2]
+        return [a for a in health["recovery"]["actions"] if a["action"] == "restart_child"]
+    done = wait_until(lambda: r if len(r := restarts()) >= 4 else None, 30, "4 restarts")
+    times = [a["t"] for a in done[:4]]
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(times)]
+    # 0.25 * 2^n after each restart, capped at 1.0: 0.5, 1.0, 1.0.
+    assert gaps[0] >= 0.45 and gaps[1] >= 0.95 and gaps[2] >= 0.95, gaps
+    assert gaps[2] < 2.0, gaps
+    assert "does not answer" in done[0]["reason"]
+    pids = set(re.findall(r"started api-blast: pid (\d+)", sup.output()))
+    assert len(pids) >= 4, sup.output()[-2000:]
+    health = http("GET", f"http://127.0.0.1:{sup_port}/supervisor/health")[2]
+    assert health["api_blast"]["state"] == "down"
+    assert health["api_blast"]["last_error"].startswith("GET / failed")

@@ -88,8 +88,7 @@ class JournaldSource:
         self.cursor_file = cursor_path(state_dir, cfg.unit)
         self._load = load
         self._clock: Clock = clock or SystemClock()
-        self.first_pass_done = asyncio.Event()
-        self.first_pass_done.set()
+        self.first_pass_done = asyncio.Event()  # set once the stored cursor is known
         self._stop = asyncio.Event()
         self._proc: asyncio.subprocess.Process | None = None
         self.cursor: str | None = None  # of the last entry read
@@ -110,8 +109,11 @@ class JournaldSource:
 
     async def run(self, sink: Sink) -> None:
         """Follow the journal until :meth:`request_stop`."""
-        self.cursor = await self._stored_cursor()
-        self._resumed = self.cursor is not None
+        try:
+            self.cursor = await self._stored_cursor()
+            self._resumed = self.cursor is not None
+        finally:
+            self.first_pass_done.set()
         delay = RESTART_DELAY_S
         while not self._stop.is_set():
             started = self._clock.monotonic()
@@ -198,8 +200,10 @@ class JournaldSource:
             if not entries:
                 continue
             marks.append(TailPosition(0, 0, "", 0, self.cursor))
-            idle = len(chunk) < PIPE_CHUNK
-            committed = await sink(Batch(self.stream, lines, self._line_no, idle, marks))
+            # Never "idle": journalctl prints the entries of one console write in as many
+            # writes as its buffer needs, so a pause in the pipe does not end a record (the
+            # record_timeout_s bound does).
+            committed = await sink(Batch(self.stream, lines, self._line_no, False, marks))
             self._line_no += len(lines)
             if committed is not None and committed.cursor:
                 await asyncio.to_thread(self._write_cursor, committed.cursor)
