@@ -210,10 +210,13 @@ class Supervisor:
         self.admin = Admin(cfg, self.journal, replayer, self.clock)
         self.admin.add_routes(app)
         self.proxy.add_routes(app)
-        # keepalive_timeout also closes a connection whose request headers never complete.
+        # keepalive_timeout also closes a connection whose request headers never complete;
+        # a short lingering_time stops a client stalled in a refused body (408, 413) from
+        # holding its connection for aiohttp's default 10 s.
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                     shutdown_timeout=SHUTDOWN_DEADLINE_S,
-                                    keepalive_timeout=cfg.limits.idle_timeout_s)
+                                    keepalive_timeout=cfg.limits.idle_timeout_s,
+                                    lingering_time=1.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.listen.host, cfg.listen.port, reuse_address=True)
         try:

@@ -72,7 +72,8 @@ class Housekeeper:
             if not self.failing and self._record_pending is not None:
                 await self._record_pending()
             now = self.clock.monotonic()
-            if not self.failing and now >= next_prune:
+            # Also while failing: pruning is what clears a journal at max_journal_bytes.
+            if self.restored and now >= next_prune:
                 await self.prune()
                 next_prune = now + self.cfg.queue.prune_interval_s
             wait = PROBE_INTERVAL_S if self.failing else next_prune - self.clock.monotonic()

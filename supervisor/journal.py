@@ -209,7 +209,7 @@ class OutcomeRow:
     since: float | None = None  # first outcome counted (totals only)
 
 
-_SCHEMA_VERSION = 4
+_SCHEMA_VERSION = 5
 
 _MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
@@ -326,6 +326,23 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
         )""",
         # The systemd journal's cursor (log_source.type: journald).
         "ALTER TABLE tail_positions ADD COLUMN cursor TEXT",
+    ),
+    5: (
+        # Outcomes per instance and minute (stats.py): the rolling window is a sum of at most
+        # window/60 rows per instance, whatever the traffic. Filled from the outcomes kept.
+        """CREATE TABLE outcome_minutes (
+            instance_id TEXT NOT NULL,
+            minute INTEGER NOT NULL,
+            delivered INTEGER NOT NULL DEFAULT 0,
+            first_attempt INTEGER NOT NULL DEFAULT 0,
+            dead INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (instance_id, minute)
+        )""",
+        "INSERT INTO outcome_minutes (instance_id, minute, delivered, first_attempt, dead, "
+        "attempts) SELECT instance_id, CAST(finished_at / 60 AS INTEGER), "
+        "SUM(state = 'delivered'), SUM(state = 'delivered' AND attempts = 1), "
+        "SUM(state = 'dead'), SUM(attempts) FROM outcomes GROUP BY 1, 2",
     ),
 }
 
@@ -1071,14 +1088,14 @@ class Journal:
 
     async def outcome_figures(self, since: float) -> tuple[
             dict[str, OutcomeRow], dict[str, OutcomeRow], dict[str, int]]:
-        """Per instance: messages finished at or after ``since``, finished ever, and dead now."""
+        """Per instance: messages finished since ``since`` (to the minute: the minute holding
+        ``since`` counts whole), finished ever, and dead now."""
         def op(conn: sqlite3.Connection) -> tuple[
                 dict[str, OutcomeRow], dict[str, OutcomeRow], dict[str, int]]:
             window = {r[0]: OutcomeRow(r[1], r[2], r[3], r[4]) for r in conn.execute(
-                "SELECT instance_id, SUM(state = 'delivered'), "
-                "SUM(state = 'delivered' AND attempts = 1), SUM(state = 'dead'), "
-                "SUM(attempts) FROM outcomes WHERE finished_at >= ? GROUP BY instance_id",
-                (since,))}
+                "SELECT instance_id, SUM(delivered), SUM(first_attempt), SUM(dead), "
+                "SUM(attempts) FROM outcome_minutes WHERE minute >= ? GROUP BY instance_id",
+                (_minute(since),))}
             totals = {r[0]: OutcomeRow(r[1], r[2], r[3], r[4], r[5]) for r in conn.execute(
                 "SELECT instance_id, delivered, first_attempt, dead, attempts, since "
                 "FROM outcome_totals")}
@@ -1089,12 +1106,14 @@ class Journal:
         return await self.call(op)
 
     async def prune_outcomes(self, before: float) -> int:
-        """Forget outcome rows finished before ``before`` (totals are kept).
+        """Forget per-message outcomes and minute counts older than ``before`` (the totals
+        keep counting them); returns how many per-message rows went.
 
         A dead message's row stays while the message exists: if an admin re-queues it and it
         is delivered, the totals move it from dead to delivered instead of counting it twice.
         """
         def op(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM outcome_minutes WHERE minute < ?", (_minute(before),))
             return conn.execute(
                 "DELETE FROM outcomes WHERE finished_at < ? AND (state = 'delivered' OR NOT "
                 "EXISTS (SELECT 1 FROM messages m WHERE m.id = outcomes.message_id))",
@@ -1102,11 +1121,17 @@ class Journal:
         return await self.call(op)
 
 
+def _minute(t: float) -> int:
+    """The minute (epoch seconds // 60) holding ``t``."""
+    return int(t // 60)
+
+
 def _count_outcome(conn: sqlite3.Connection, message_id: str, state: MessageState,
                    attempts: int, now: float) -> None:
     """Count a finished message (inside the transaction that records its state).
 
-    A message finished before (dead, then re-queued by an admin) is moved, not added again.
+    A message finished before (dead, then re-queued by an admin) is moved, not added again:
+    out of the totals and out of the minute it finished in.
     """
     row = conn.execute("SELECT instance_id FROM messages WHERE id = ?", (message_id,)).fetchone()
     if row is None:
@@ -1114,26 +1139,41 @@ def _count_outcome(conn: sqlite3.Connection, message_id: str, state: MessageStat
     instance_id = row[0]
     conn.execute("INSERT INTO outcome_totals (instance_id, since) VALUES (?, ?) "
                  "ON CONFLICT(instance_id) DO NOTHING", (instance_id, now))
-    old = conn.execute("SELECT state, attempts FROM outcomes WHERE message_id = ?",
+    old = conn.execute("SELECT state, attempts, finished_at FROM outcomes WHERE message_id = ?",
                        (message_id,)).fetchone()
     if old is not None:
-        _add_totals(conn, instance_id, old[0], old[1], -1)
+        _add_outcome(conn, instance_id, old[0], old[1], _minute(old[2]), -1)
     conn.execute(
         "INSERT INTO outcomes (message_id, instance_id, state, attempts, finished_at) "
         "VALUES (?, ?, ?, ?, ?) ON CONFLICT(message_id) DO UPDATE SET state = excluded.state, "
         "attempts = excluded.attempts, finished_at = excluded.finished_at",
         (message_id, instance_id, state.value, attempts, now))
-    _add_totals(conn, instance_id, state.value, attempts, 1)
+    _add_outcome(conn, instance_id, state.value, attempts, _minute(now), 1)
 
 
-def _add_totals(conn: sqlite3.Connection, instance_id: str, state: str, attempts: int,
-                sign: int) -> None:
+def _add_outcome(conn: sqlite3.Connection, instance_id: str, state: str, attempts: int,
+                 minute: int, sign: int) -> None:
+    """Add (sign 1) or take back (sign -1) one outcome in the totals and its minute."""
     delivered = sign if state == MessageState.DELIVERED.value else 0
+    values = (delivered, delivered if attempts == 1 else 0,
+              sign if state == MessageState.DEAD.value else 0, sign * attempts)
     conn.execute(
         "UPDATE outcome_totals SET delivered = delivered + ?, first_attempt = first_attempt + ?, "
         "dead = dead + ?, attempts = attempts + ? WHERE instance_id = ?",
-        (delivered, delivered if attempts == 1 else 0,
-         sign if state == MessageState.DEAD.value else 0, sign * attempts, instance_id))
+        (*values, instance_id))
+    if sign > 0:
+        conn.execute(
+            "INSERT INTO outcome_minutes (instance_id, minute, delivered, first_attempt, dead, "
+            "attempts) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(instance_id, minute) DO UPDATE "
+            "SET delivered = delivered + excluded.delivered, "
+            "first_attempt = first_attempt + excluded.first_attempt, "
+            "dead = dead + excluded.dead, attempts = attempts + excluded.attempts",
+            (instance_id, minute, *values))
+    else:  # the minute may have been pruned already: then it is outside every window
+        conn.execute(
+            "UPDATE outcome_minutes SET delivered = delivered + ?, "
+            "first_attempt = first_attempt + ?, dead = dead + ?, attempts = attempts + ? "
+            "WHERE instance_id = ? AND minute = ?", (*values, instance_id, minute))
 
 
 def _missing_dir(path: Path) -> str:

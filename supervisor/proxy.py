@@ -48,6 +48,22 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None,
                              headers=headers)
 
 
+async def expect_handler(request: web.BaseRequest) -> web.StreamResponse | None:
+    """The ``Expect`` header: ``100-continue`` is answered at once, anything else with 417.
+
+    Replaces aiohttp's default handler, which raises (HTTP 500) when the header's value is not
+    UTF-8 text.
+    """
+    expect = request.headers.get("Expect", "")
+    if request.version != aiohttp.HttpVersion11:
+        return None
+    if expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer proper has not started yet
+        return None
+    return json_error(417, "unsupported Expect header: only 100-continue is understood")
+
+
 class Proxy:
     """Request handlers for guarded and pass-through routes."""
 
@@ -73,10 +89,13 @@ class Proxy:
         self._id_pattern = re.compile(cfg.limits.instance_id_pattern)
 
     def add_routes(self, app: web.Application) -> None:
-        """Guarded routes first, then a catch-all pass-through."""
+        """Guarded routes first, then a catch-all pass-through (registered last: every route
+        of the application then gets :func:`expect_handler`)."""
         for route in self.cfg.proxy.guarded_routes:
             app.router.add_route(route.method.upper(), route.path, self._guarded_handler(route))
         app.router.add_route("*", "/{tail:.*}", self.pass_through)
+        for r in app.router.routes():
+            r._expect_handler = expect_handler  # no public setter once a route exists
 
     # ------------------------------------------------------------------ guarded sends
 

@@ -5,8 +5,9 @@ records every finish in the same transaction as the message's state (``Journal.r
 the figures survive a restart and never disagree with the messages; a dead message that an
 admin re-queues and that is then delivered counts once, as delivered.
 
-Figures per instance and overall, over the rolling ``monitoring.window_s`` and since the
-journal's first outcome:
+Figures per instance and overall, over the rolling ``monitoring.window_s`` (kept per minute
+in the journal, so reading a window costs the same at any traffic) and since the journal's
+first outcome:
 
 * ``first_attempt`` — delivered by the first real send (what api-blast alone would have done);
 * ``delivered`` — delivered eventually, after any number of attempts;

@@ -124,7 +124,8 @@ def looks_rotated(name: str) -> bool:
 def rotated_siblings(base: str, names: Sequence[str]) -> list[str]:
     """The names in ``base``'s directory that are uncompressed rotations of ``base``."""
     stem = base[:-4] if base.endswith(".log") else base
-    whole = re.compile(rf"{re.escape(base)}(?:\.\d+|{_DATED}|\.\d{{8}})")
+    # logrotate moves a file in its way to ``app.log-YYYYMMDDHH.backup``.
+    whole = re.compile(rf"{re.escape(base)}(?:\.\d+|{_DATED}|\.\d{{8}}|-\d{{10}}\.backup)")
     dated = re.compile(rf"{re.escape(stem)}{_DATED}(?:\.log)?")
     return sorted(n for n in names
                   if n != base and (whole.fullmatch(n) or dated.fullmatch(n)))
@@ -311,9 +312,18 @@ class FileTail:
             skip = {(self._old.device, self._old.inode)} if self._old else set()
             plan = [(i, at) for i, at in catch_up_plan(pos, self._siblings(pos.head_hash))
                     if (i.device, i.inode) not in skip]
+            # copytruncate keeps the inode: then a copy of the live file may be under way now;
+            # it is not read whole (the live file has those lines, and its truncation after
+            # the copy is seen).
+            copying = current is not None and (current.device, current.inode) == (
+                pos.device, pos.inode)
+            if copying:
+                copies = self._copies_of(self._head_of_path())
+                plan = plan[:1] + [(i, at) for i, at in plan[1:]
+                                   if (i.device, i.inode) not in copies]
             if plan:
                 last = await self._read_plan(plan)
-                await self._switch_to_path(last)
+                await self._switch_to_path(last, copying)
                 self.resumed = True
                 return
             if current is not None:
@@ -362,7 +372,7 @@ class FileTail:
                 self._close(f)
         return last
 
-    async def _switch_to_path(self, last_mtime_ns: int) -> None:
+    async def _switch_to_path(self, last_mtime_ns: int, copying: bool = False) -> None:
         """Follow the file at the path from its start. A rotation may have happened while the
         files before it were read: a rotated file newer than those, not read yet, is read
         first. It is looked for after the path is opened, so a rotation after the look is one
@@ -372,6 +382,10 @@ class FileTail:
         for f in (self._cur, self._old):
             if f is not None:
                 skip.add((f.device, f.inode))
+        if copying and self._cur is not None:
+            # A copy of the live file itself (copytruncate under way) is not read whole: the
+            # live file has those lines, and the truncation after the copy is seen.
+            skip |= self._copies_of(self._cur.head)
         for _ in range(8 if last_mtime_ns else 0):  # a round needs another rotation meanwhile
             newer = sorted((s for s in self._siblings("") if s.mtime_ns > last_mtime_ns
                             and (s.device, s.inode) not in skip), key=lambda s: s.mtime_ns)
@@ -387,7 +401,7 @@ class FileTail:
                     self._done.add((f.device, f.inode))
                     self._close(f)
         if self._cur is not None:
-            await self._drain(self._cur, self.stream)
+            await self._follow(self._cur)
 
     # ------------------------------------------------------------------ a pass
 
@@ -407,7 +421,10 @@ class FileTail:
             if self._cur is None:
                 return
             log.info("now reading %s (new file)", self.path)
-        cur = self._cur
+        await self._follow(self._cur)
+
+    async def _follow(self, cur: _Open) -> None:
+        """Read the live file on, unless it was truncated or the path names another file."""
         try:
             st: os.stat_result | None = os.stat(self.path)
         except OSError:
@@ -419,9 +436,26 @@ class FileTail:
                                         or self._head_of(cur) != cur.head):
             await self._truncated(cur)
             return
-        await self._drain(cur, self.stream)
+        if not await self._drain_live(cur):
+            return
         if st is not None and not same:
             await self._rotated(cur)
+
+    async def _drain_live(self, cur: _Open) -> bool:
+        """Read the live file; False when it turned out truncated under the first read."""
+        if cur.read_pos == 0 and cur.head:
+            # Opened, then truncated (copytruncate) before this first read: the bytes at 0
+            # are not those the fingerprint was taken of. The copy has the old ones.
+            n = head_count(cur.head)
+            try:
+                first = os.pread(cur.fh.fileno(), n, 0)
+            except OSError:
+                first = b""
+            if len(first) >= n and head_hash(first) != cur.head:
+                await self._truncated(cur)
+                return False
+        await self._drain(cur, self.stream)
+        return True
 
     async def _rotated(self, cur: _Open) -> None:
         """The path names a new file: finish the old one, catch up, switch."""
@@ -575,6 +609,21 @@ class FileTail:
         log.warning("%s is gone (rotated away and deleted): its unread lines are lost",
                     info.path)
         return None
+
+    def _copies_of(self, live_head: str) -> set[tuple[int, int]]:
+        """Rotated files that start with the live file's first bytes (copies of it). An empty
+        live file has no copy."""
+        if head_count(live_head) == 0:
+            return set()
+        return {(i.device, i.inode) for i in self._siblings(live_head) if i.head_matches}
+
+    def _head_of_path(self) -> str:
+        """The fingerprint of the file now at the path ("" when there is none)."""
+        try:
+            with open(self.path, "rb") as fh:
+                return head_hash(fh.read(HEAD_BYTES))
+        except OSError:
+            return ""
 
     def _sibling_names(self) -> list[str]:
         try:

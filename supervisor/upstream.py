@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from .config import UpstreamConfig
 from .outcome import Outcome, OutcomeKind, classify
@@ -50,9 +51,12 @@ class Upstream:
         """Close the client session and its pooled connections."""
         await self.session.close()
 
-    def url(self, path: str, query: str) -> str:
-        """The upstream URL for a path and a raw (still encoded) query string."""
-        return f"{self.base}{path}?{query}" if query else f"{self.base}{path}"
+    def url(self, path: str, query: str) -> URL:
+        """The upstream URL for a raw path and a raw query string, kept byte for byte
+        (``encoded=True``: nothing is decoded, re-encoded or normalised, not even the case
+        of a percent escape)."""
+        return URL(f"{self.base}{path}?{query}" if query else f"{self.base}{path}",
+                   encoded=True)
 
     async def send(self, method: str, path: str, query: str,
                    headers: tuple[tuple[str, str], ...], body: bytes,

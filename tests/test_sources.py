@@ -399,8 +399,8 @@ def _fake_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _append_entries(data: Path, lines: list[str], unit: str = UNIT) -> None:
+    start = len(data.read_text(encoding="utf-8").splitlines())
     with data.open("a", encoding="utf-8") as fh:
-        start = sum(1 for _ in data.open())
         for n, line in enumerate(lines, start + 1):
             fh.write(json.dumps({"__CURSOR": f"s=abc;i={n:x}", "MESSAGE": line,
                                  "_SYSTEMD_UNIT": unit, "_PID": "4242"}) + "\n")
@@ -481,10 +481,9 @@ def test_journald_source_in_the_daemon_resumes_after_its_cursor(
     # While stopped: more entries, among them a dump split over entries.
     _append_entries(data, [f"🔄 Retry counters reset for: {other}", *STOCK[40:63]])
     start_supervisor(children, tmp_path, config, port, name="supervisor-2")
-    wait_until(lambda: _state(port, other) == "ready", 20, "the new entries")
+    rows = wait_until(lambda: len(r := _events(tmp_path)) >= 5 and r, 20, "5 stored events")
     calls = [json.loads(x) for x in Path(f"{data}.calls").read_text().splitlines()]
     assert calls[-1][-1] == f"--after-cursor={cursor}"
-    rows = wait_until(lambda: len(r := _events(tmp_path)) >= 5 and r, 20, "5 stored events")
     assert rows == [
         ("upstream_started", None, None),
         ("ready", INSTANCE, None),

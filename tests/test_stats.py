@@ -223,3 +223,19 @@ async def test_stats_prunes_beyond_the_window(journal: Journal) -> None:
     await finish(journal, 2, M.DELIVERED, 1, now - 3600)
     assert await stats.prune(3600.0) == 1
     assert (await stats.read(7200.0, {}))[A].total.delivered == 2
+
+
+async def test_the_window_has_a_one_minute_resolution(journal: Journal) -> None:
+    """The window is summed per minute: the minute holding its start counts whole, earlier
+    minutes not at all; pruning drops old minutes without touching the totals."""
+    await finish(journal, 1, M.DELIVERED, 1, 6000.0)  # minute 100, start of it
+    await finish(journal, 2, M.DEAD, 2, 6059.0)  # minute 100, end of it
+    await finish(journal, 3, M.DELIVERED, 1, 5999.0)  # minute 99
+    window, _, _ = await journal.outcome_figures(since=6030.0)
+    assert (window[A].delivered, window[A].dead, window[A].attempts) == (1, 1, 3)
+    window, _, _ = await journal.outcome_figures(since=6060.0)
+    assert A not in window
+    await journal.prune_outcomes(before=6000.0)
+    window, totals, _ = await journal.outcome_figures(since=0.0)
+    assert (window[A].delivered, window[A].dead) == (1, 1)
+    assert (totals[A].delivered, totals[A].dead) == (2, 1)
