@@ -10,12 +10,16 @@ PY=${PYTHON:-python3}
 # Debian packages the tests use: node (a real Node upstream).
 need=()
 command -v node >/dev/null 2>&1 || need+=(nodejs)
-# systemd-analyze verifies the shipped units; logrotate checks and runs the generated rules.
+# systemd-analyze verifies the shipped units; logrotate checks and runs the generated rules,
+# and rotates a log under the tail while a writer appends (tests/test_rotation.py).
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v logrotate >/dev/null 2>&1 || need+=(logrotate)
 # Headless Chromium renders the dashboard; promtool (Debian's prometheus) checks the alert rules.
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# mount/umount put the journal on a size-limited tmpfs, then remount it read-only
+# (tests/test_storage_faults.py: disk full and read-only state directory, as root).
+command -v mount >/dev/null 2>&1 || need+=(mount)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive

@@ -60,7 +60,8 @@ OUTCOME_PRUNE_S = 60.0  # how often outcomes older than monitoring.window_s are 
 
 # Settings read once at startup: a reload that changes them is applied only by a restart.
 RESTART_ONLY = ("listen", "state_dir", "log_source", "upstream", "logging",
-                "limits.max_body_bytes", "proxy.guarded_routes", "process.enabled")
+                "limits.max_body_bytes", "limits.idle_timeout_s", "proxy.guarded_routes",
+                "process.enabled")
 
 
 def reload_plan(old: Config, new: Config) -> tuple[Config, list[str]]:
@@ -460,6 +461,7 @@ class Supervisor:
         if self.recovery is not None:
             self.recovery.reconfigure(cfg.recovery, cfg.session)
         self.housekeeper.reconfigure(cfg)
+        self.admin.reconfigure(cfg)
         self.reloads += 1
         for key in restart:
             log.warning("reload: %s changed but is only read at startup: restart the service "
@@ -600,6 +602,10 @@ class Supervisor:
     def _context(self) -> tuple[list[str], list[str], dict[str, str]]:
         """What attribution needs: known instances, those with traffic, their phone jids."""
         assert self.replayer is not None
+        parser = self.cfg.parser  # re-read at each record: a reload applies at once
+        self.attributor.strategies = parser.attribution
+        self.attributor.adjacent_records = parser.adjacent_records
+        self.attributor.adjacent_window_s = parser.adjacent_window_s
         lanes = self.replayer.lanes
         return sorted(set(self.sessions.known()) | set(lanes)), sorted(lanes), self.auth.jids
 

@@ -99,7 +99,8 @@ class LineSplitter:
             if self._skipped == 0:
                 self.cut_lines += 1
                 log.warning("a log line is longer than %d bytes: its first %d bytes are kept "
-                            "and the rest is skipped", self.max_line_bytes, self.max_line_bytes)
+                            "and the rest is skipped (log_source.max_line_bytes)",
+                            self.max_line_bytes, self.max_line_bytes)
             self._skipped += end - start - keep
 
     def _line(self) -> str:

@@ -93,15 +93,21 @@ def resumable(prev: TailPosition, current: FileInfo | None) -> bool:
 def catch_up_plan(prev: TailPosition, siblings: Sequence[FileInfo]
                   ) -> list[tuple[FileInfo, int]]:
     """What to read, and from which offset, before the file at the path, when ``prev``'s file
-    was rotated away: its continuation (the same inode renamed, else a copy with the same
-    fingerprint, at least ``prev.offset`` long) from ``prev.offset``, then every sibling rotated
-    after it, oldest first, whole. Empty when the continuation is gone."""
-    fits = [s for s in siblings if s.head_matches and s.size >= prev.offset]
-    same = [s for s in fits if (s.device, s.inode) == (prev.device, prev.inode)]
+    was rotated away: its continuation from ``prev.offset``, then every sibling rotated after
+    it, oldest first, whole. Empty when the continuation is gone.
+
+    The continuation is the same inode renamed, else the first copy with the same fingerprint
+    (copytruncate). A copy shorter than ``prev.offset`` is still ours: the lines written
+    between the copy and the truncation were read from the file itself before it was cut.
+    """
+    ours = [s for s in siblings if s.head_matches]
+    same = [s for s in ours if (s.device, s.inode) == (prev.device, prev.inode)
+            and s.size >= prev.offset]
+    fits = [s for s in ours if s.size >= prev.offset]
     if same:
         origin = same[0]
-    elif fits:
-        origin = min(fits, key=lambda s: s.mtime_ns)  # the first copy made after prev
+    elif fits or ours:
+        origin = min(fits or ours, key=lambda s: s.mtime_ns)  # the first copy made after prev
     else:
         return []
     later = sorted((s for s in siblings if s.mtime_ns > origin.mtime_ns and s is not origin),
@@ -501,7 +507,8 @@ class FileTail:
                      self.path, copy.path, offset, max(offset, copy.size))
         elif offset and not copies:
             log.warning("%s shrank below byte %d (truncated) and no copy of it was found: "
-                        "lines written after the last read may be missed", self.path, offset)
+                        "lines written after the last read may be missed (rotate with "
+                        "logrotate copytruncate, which keeps a copy)", self.path, offset)
         self._drop_partial(cur)
         cur.fh.seek(0)
         cur.splitter = LineSplitter(self.max_line_bytes, 0)

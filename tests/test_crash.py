@@ -22,7 +22,16 @@ from conftest import (
     supervisor_config,
     wait_until,
 )
-from sending import acked_id, listing, message, send, sim, sim_sent, wait_delivered
+from sending import (
+    acked_id,
+    listing,
+    message,
+    send,
+    sim,
+    sim_calls,
+    sim_sent,
+    wait_delivered,
+)
 
 KILLS = 22  # at least 20 are required
 LOOP_BUDGET_S = 60.0  # the kill loop stops after this even if it made fewer kills
@@ -182,6 +191,8 @@ def test_kill_9_during_a_send_makes_it_unknown(tmp_path: Path, children: list[Ch
     t.start()
     (row,) = wait_until(lambda: [m for m in listing(port) if m["state"] == "sending"], 5,
                         "the send to be in flight")
+    wait_until(lambda: sim_calls(sim_port).get("send_message") == 1, 5,
+               "api-blast to have received the send")
     daemon.stop(signal.SIGKILL)
     t.join(10)
     assert isinstance(first[0], (OSError, http.client.HTTPException)), first

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -41,6 +42,7 @@ from supervisor.config import LogSourceConfig
 from supervisor.journal import TailPosition
 from supervisor.sources import Batch, Found, Intake
 from supervisor.sources.command import CommandSource, next_restart_delay_s
+from supervisor.sources.file import FileSource
 from supervisor.sources.journald import (
     JournaldSource,
     cursor_path,
@@ -208,6 +210,58 @@ async def test_unattributed_events_are_reported() -> None:
     await h.intake(_batch(["opened connection"], 1))
     assert h.found == []
     assert [f.event.kind.value for f in h.unattributed] == ["ready"]
+
+
+# --------------------------------------------------------------------------- files (pm2)
+
+
+async def test_pm2_out_and_error_files_by_glob(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """pm2's -out.log and -error.log (``--time`` prefixes) are two streams; rotated copies are
+    not globbed; a per-process file (cluster mode) is warned about and read from its start."""
+    logs = tmp_path / "pm2"
+    logs.mkdir()
+    stamp = "2025-07-23T05:41:01: "
+    (logs / "api-blast-out.log").write_text("".join(f"{stamp}{line}\n" for line in STOCK))
+    (logs / "api-blast-error.log").write_text(
+        f"{stamp}⏰ Scheduling retry for {INSTANCE} in 30000ms (error 408)\n")
+    (logs / "api-blast-out__2025-07-22_00-00-00.log").write_text(f"{stamp}WAZIPER IS LIVE\n")
+    h = Harness(type="file", paths=(str(logs / "api-blast-*.log"),), start_at="start",
+                poll_interval_s=0.05)
+    got = asyncio.Event()
+
+    async def sink(batch: Batch) -> TailPosition | None:
+        mark = await h.intake(batch)
+        if any(f.event.rule == "variant_status_code" for f in h.found) or len(h.found) >= 7:
+            got.set()
+        return mark
+
+    async def load(key: str) -> TailPosition | None:
+        return None
+
+    src = FileSource(h.intake.cfg, load)
+    with caplog.at_level(logging.WARNING, "supervisor.sources.file"):
+        task = asyncio.create_task(src.run(sink))
+        await asyncio.wait_for(src.first_pass_done.wait(), 10)
+        assert sorted(Path(p).name for p in src.tails) == ["api-blast-error.log",
+                                                           "api-blast-out.log"]
+        (logs / "api-blast-out-1.log").write_text(f"{stamp}Handling other disconnect "
+                                                   f"reasons, status code: 515\n")
+        await asyncio.wait_for(got.wait(), 10)
+        src.request_stop()
+        await asyncio.wait_for(task, 10)
+    by_stream = sorted((Path(f.stream).name, f.event.kind.value, f.event.code) for f in h.found)
+    assert by_stream == [
+        ("api-blast-error.log", "disconnected", 408),
+        ("api-blast-out-1.log", "restart_required", 515),
+        ("api-blast-out.log", "conflict", 440),
+        ("api-blast-out.log", "disconnected", 428),
+        ("api-blast-out.log", "logged_out", 401),
+        ("api-blast-out.log", "ready", None),
+        ("api-blast-out.log", "upstream_started", None),
+    ]
+    assert "pm2 cluster-mode log files" in caplog.text
+    assert "api-blast-out-1.log" in caplog.text
 
 
 # --------------------------------------------------------------------------- stdin

@@ -57,7 +57,9 @@ PREV = TailPosition(1, 10, "64:abc", 500)
                      [("app.log.2", 500), ("app.log.1", 0)], id="rotated-twice-older-skipped"),
         pytest.param([_info("app.log.1", 20, 700, 5)], [("app.log.1", 500)],
                      id="copy-by-fingerprint"),
-        pytest.param([_info("app.log.1", 20, 400, 5)], [], id="copy-too-short-is-not-ours"),
+        pytest.param([_info("app.log.1", 20, 400, 5), _info("app.log.2", 21, 300, 9)],
+                     [("app.log.1", 500), ("app.log.2", 0)],
+                     id="copy-shorter-than-the-offset-was-read-ahead"),
         pytest.param([_info("app.log.1", 10, 800, 5, head=False)], [],
                      id="same-inode-other-content"),
         pytest.param([_info("app.log.2", 21, 700, 3), _info("app.log.1", 22, 900, 6)],
@@ -391,6 +393,37 @@ async def test_copytruncated_while_stopped(tmp_path: Path) -> None:
     await again.read_once()
     assert again.resumed
     assert rec.all_lines() == _nums(1, 30)
+    again.close()
+
+
+async def test_read_ahead_of_the_copy_then_copytruncated_twice_while_stopped(
+        tmp_path: Path) -> None:
+    """The lines written between logrotate's copy and its truncation were read before the
+    stop: the short copy is still recognised, and the later copies are read, once."""
+    log = tmp_path / "app.log"
+    _write(log, *_nums(1, 120))  # more than the fingerprint's 1024 bytes
+    shutil.copyfile(log, tmp_path / "app.log.1")  # the copy; 121-125 land after it
+    _write(log, *_nums(121, 125))
+    rec = Recorder()
+    tail = _tail(log, rec)
+    await tail.start(rec)
+    await tail.read_once()
+    tail.close()
+    with log.open("r+b") as fh:  # the truncation (121-125 are in no file now)
+        fh.truncate(0)
+    _write(log, *_nums(126, 130))
+    os.rename(tmp_path / "app.log.1", tmp_path / "app.log.2")
+    shutil.copyfile(log, tmp_path / "app.log.1")
+    with log.open("r+b") as fh:
+        fh.truncate(0)
+    _write(log, *_nums(131, 132))
+    now = time.time_ns()
+    os.utime(tmp_path / "app.log.2", ns=(now - 2_000_000_000, now - 2_000_000_000))
+    os.utime(tmp_path / "app.log.1", ns=(now - 1_000_000_000, now - 1_000_000_000))
+    again = _tail(log, rec)
+    await again.start(rec)
+    await again.read_once()
+    assert rec.all_lines() == _nums(1, 132)
     again.close()
 
 

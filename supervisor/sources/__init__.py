@@ -202,7 +202,8 @@ class Intake:
             await self._commit(stream, mark, changed, found)
         except Exception as exc:  # the journal names the fault; reading goes on
             self.stats.commit_failures += 1
-            log.error("could not store the log position and session state of %s: %s",
+            log.error("could not store the log position and session state of %s: %s (the "
+                      "lines since the last stored position are read again after a restart)",
                       stream, getattr(exc, "cause", exc))
             return None
         self.stats.commits += 1
