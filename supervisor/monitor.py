@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import sys
 from collections.abc import Callable, Sequence
@@ -203,7 +204,8 @@ class Monitor:
 
     async def run(self, pipe: BinaryIO | None = None) -> int:
         """Read the pipe to its end; print the final table."""
-        source = StdinSource(self.cfg.log_source.max_line_bytes, pipe, echo=self.echo)
+        source = StdinSource(self.cfg.log_source.max_line_bytes, pipe, echo=self.echo,
+                             end_level=logging.DEBUG)
         timers = asyncio.ensure_future(self.intake.run_timers())
         try:
             await source.run(self.intake)

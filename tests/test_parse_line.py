@@ -7,6 +7,8 @@ changed rule shows at once which real line it changed.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 import sys
 from collections import Counter
@@ -169,3 +171,31 @@ def test_monitor_echoes_and_shows_states() -> None:
         ["68B2F3C55B019", "conflict", "440"],     # the guess: a probe lifts it in the daemon
     ]
     assert table[3].endswith("(guess)")
+
+
+def test_monitor_on_a_terminal_redraws_one_status_line() -> None:
+    """On a terminal, the state view is one status line redrawn under the output."""
+    master, slave = pty.openpty()
+    data = ("🔄 Retry counters reset for: 68B2F3C55B019\n"
+            "⏰ Scheduling retry for 68B2F1A0C3D4E in 30000ms (conflict 440)\n").encode()
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "monitor"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=slave,
+                            cwd=REPO)
+    os.close(slave)
+    out, _ = proc.communicate(data, timeout=60)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal's other end is closed: all was read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    err = b"".join(chunks).decode()
+    assert proc.returncode == 0
+    assert out == data
+    assert "\r\x1b[K[blast-supervisor] 68B2F3C55B019 ready" in err
+    assert "\r\x1b[K[blast-supervisor] 68B2F1A0C3D4E conflict 440 | 68B2F3C55B019 ready" in err
+    assert "[blast-supervisor] line" not in err  # no per-change lines on a terminal

@@ -38,7 +38,7 @@ from fakes import FakeClock
 
 from supervisor import events
 from supervisor.attribution import Attributor
-from supervisor.config import LogSourceConfig
+from supervisor.config import ConfigError, LogSourceConfig, parse_config
 from supervisor.journal import TailPosition
 from supervisor.sources import Batch, Found, Intake
 from supervisor.sources.command import CommandSource, next_restart_delay_s
@@ -452,6 +452,11 @@ def _fake_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return data
 
 
+def _calls(data: Path) -> list[list[str]]:
+    """The command lines the fake journalctl was started with."""
+    return [json.loads(x) for x in Path(f"{data}.calls").read_text().splitlines()]
+
+
 def _append_entries(data: Path, lines: list[str], unit: str = UNIT) -> None:
     start = len(data.read_text(encoding="utf-8").splitlines())
     with data.open("a", encoding="utf-8") as fh:
@@ -516,6 +521,36 @@ async def test_journald_source_assembles_records_across_entries(
     assert cursor_path(str(tmp_path), UNIT).read_text().strip() == "s=abc;i=1a"
 
 
+async def test_journald_source_falls_back_to_the_cursor_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a position in the journal, the cursor file in the state dir says where to go
+    on; entries up to it are not read again."""
+    data = _fake_journal(tmp_path, monkeypatch)
+    _append_entries(data, ["WAZIPER IS LIVE", f"🔄 Retry counters reset for: {INSTANCE}"])
+    cursor_path(str(tmp_path), UNIT).write_text("s=abc;i=1\n")
+    h = Harness(type="journald", unit=UNIT)
+    seen = asyncio.Event()
+
+    async def sink(batch: Batch) -> TailPosition | None:
+        mark = await h.intake(batch)
+        if h.found:
+            seen.set()
+        return mark
+
+    async def load() -> TailPosition | None:
+        return None
+
+    src = JournaldSource(h.intake.cfg, str(tmp_path), load)
+    task = asyncio.create_task(src.run(sink))
+    await asyncio.wait_for(seen.wait(), 10)
+    src.request_stop()
+    await asyncio.wait_for(task, 10)
+    assert src.resumed
+    assert h.kinds() == [("ready", None, 1)]  # not the upstream_started of entry 1
+    assert _calls(data) == [["--follow", "--output=json", "--no-pager", f"--unit={UNIT}",
+                             "--after-cursor=s=abc;i=1"]]
+
+
 def test_journald_source_in_the_daemon_resumes_after_its_cursor(
         tmp_path: Path, children: list[Child], monkeypatch: pytest.MonkeyPatch) -> None:
     """A restart goes on after the stored cursor: no entry is read twice, none is skipped."""
@@ -536,8 +571,7 @@ def test_journald_source_in_the_daemon_resumes_after_its_cursor(
     _append_entries(data, [f"🔄 Retry counters reset for: {other}", *STOCK[40:63]])
     start_supervisor(children, tmp_path, config, port, name="supervisor-2")
     rows = wait_until(lambda: len(r := _events(tmp_path)) >= 5 and r, 20, "5 stored events")
-    calls = [json.loads(x) for x in Path(f"{data}.calls").read_text().splitlines()]
-    assert calls[-1][-1] == f"--after-cursor={cursor}"
+    assert _calls(data)[-1][-1] == f"--after-cursor={cursor}"
     assert rows == [
         ("upstream_started", None, None),
         ("ready", INSTANCE, None),
@@ -591,3 +625,29 @@ def _events(tmp_path: Path) -> list[tuple[str, str | None, int | None]]:
             "SELECT event, instance_id, code FROM session_events ORDER BY seq")]
     finally:
         conn.close()
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    ("mapping", "path"),
+    [
+        ({"log_source": {"line_prefix": "(unclosed"}}, "log_source.line_prefix:"),
+        ({"log_source": {"restart_delay_s": 10, "max_restart_delay_s": 5}},
+         "log_source.max_restart_delay_s:"),
+        ({"log_source": {"max_line_bytes": 10}}, "log_source.max_line_bytes:"),
+        ({"log_source": {"record_timeout_s": 0}}, "log_source.record_timeout_s:"),
+        ({"log_source": {"paths": "app.log"}}, "log_source.paths:"),
+        ({"parser": {"attribution": ["jid", "guesswork"]}}, "parser.attribution[1]:"),
+        ({"parser": {"attribution": ["jid", "jid"]}}, "parser.attribution:"),
+        ({"parser": {"adjacent_records": 0}}, "parser.adjacent_records:"),
+        ({"parser": {"rules": [{"name": "x", "pattern": "y", "event": "maybe"}]}},
+         "parser.rules[0].event:"),
+    ],
+)
+def test_log_source_configuration_errors(mapping: dict[str, Any], path: str) -> None:
+    """Each bad log-source or parser setting is refused with its key path."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(mapping)
+    assert any(line.startswith(path) for line in info.value.errors), info.value.errors

@@ -148,7 +148,12 @@ class CommandSource:
 
     @staticmethod
     def _signal(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
+        # os.kill, not Popen.send_signal: that one polls (reaps) the child first, and the
+        # event loop's child watcher then reports exit code 255 instead of the real one.
+        try:
+            os.killpg(proc.pid, sig)  # the child leads its own process group
+        except PermissionError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass  # already gone

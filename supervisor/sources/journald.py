@@ -13,10 +13,12 @@ it is started again after the last cursor read, with a growing delay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
+import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from subprocess import DEVNULL, PIPE
@@ -57,6 +59,14 @@ def journalctl_args(unit: str, cursor: str | None, start_at: str) -> list[str]:
     else:
         args.append("--lines=0")
     return args
+
+
+def _terminate(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM with os.kill (Popen.terminate would reap the child behind the event loop's
+    back)."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
 
 
 def entry_lines(entry: dict[str, Any]) -> list[str]:
@@ -104,8 +114,8 @@ class JournaldSource:
     def request_stop(self) -> None:
         """Stop ``journalctl`` and return from :meth:`run`."""
         self._stop.set()
-        if self._proc is not None and self._proc.returncode is None:
-            self._proc.terminate()
+        if self._proc is not None:
+            _terminate(self._proc)
 
     async def run(self, sink: Sink) -> None:
         """Follow the journal until :meth:`request_stop`."""
@@ -153,15 +163,14 @@ class JournaldSource:
         self._proc = proc
         self.starts += 1
         if self._stop.is_set():
-            proc.terminate()
+            _terminate(proc)
         assert proc.stdout is not None
         assert proc.stderr is not None
         errors = asyncio.ensure_future(self._log_stderr(proc.stderr))
         try:
             await self._read(proc.stdout, sink)
         finally:
-            if proc.returncode is None:
-                proc.terminate()
+            _terminate(proc)
             await proc.wait()
             await errors
 

@@ -44,10 +44,12 @@ class StdinSource:
     resumed = False  # a pipe cannot be re-read
 
     def __init__(self, max_line_bytes: int, pipe: BinaryIO | None = None,
-                 echo: Callable[[bytes], None] | None = None) -> None:
+                 echo: Callable[[bytes], None] | None = None,
+                 end_level: int = logging.WARNING) -> None:
         self.max_line_bytes = max_line_bytes
         self._pipe = pipe
         self._echo = echo
+        self._end_level = end_level  # how loudly the end of the pipe is logged
         self.first_pass_done = asyncio.Event()
         self.first_pass_done.set()
         self.ended = asyncio.Event()  # the pipe was closed by the writer
@@ -88,5 +90,5 @@ class StdinSource:
             if feeder is not None:
                 feeder.cancel()
         self.ended.set()
-        log.warning("standard input closed after %d lines: no more session events will be "
-                    "read", lines - 1)
+        log.log(self._end_level, "standard input closed after %d lines: no more session "
+                "events will be read", lines - 1)
