@@ -59,6 +59,16 @@ def _load(path: str | None) -> Config:
     return load_config(path)
 
 
+def _load_or_report(path: str | None) -> Config | None:
+    """The configuration, or None after printing one line per error on stderr."""
+    try:
+        return _load(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"configuration error: {line}", file=sys.stderr)
+        return None
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate a configuration file: exit 0, or 2 with one line per error."""
     try:
@@ -76,11 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT."""
     from .daemon import run_forever
 
-    try:
-        cfg = _load(args.config)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(f"configuration error: {line}", file=sys.stderr)
+    cfg = _load_or_report(args.config)
+    if cfg is None:
         return EXIT_CONFIG
     try:
         _setup_logging(args.verbose, cfg.logging)
@@ -106,11 +113,8 @@ def cmd_parse_line(args: argparse.Namespace) -> int:
     """Read log lines on stdin and print the events found (to tune patterns offline)."""
     from .monitor import event_json, event_text, parse_offline
 
-    try:
-        cfg = _load(args.config)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(f"configuration error: {line}", file=sys.stderr)
+    cfg = _load_or_report(args.config)
+    if cfg is None:
         return EXIT_CONFIG
     show = event_json if args.json else event_text
     found = asyncio.run(parse_offline(cfg, sys.stdin.buffer, args.instances or (),
@@ -124,11 +128,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     """Copy api-blast's output from stdin to stdout and show each instance's state."""
     from .monitor import monitor_main
 
-    try:
-        cfg = _load(args.config)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(f"configuration error: {line}", file=sys.stderr)
+    cfg = _load_or_report(args.config)
+    if cfg is None:
         return EXIT_CONFIG
     return monitor_main(cfg, args.instances or ())
 
@@ -157,11 +158,8 @@ def cmd_tool(args: argparse.Namespace) -> int:
     """
     from . import tools
 
-    try:
-        cfg = _load(args.config)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(f"configuration error: {line}", file=sys.stderr)
+    cfg = _load_or_report(args.config)
+    if cfg is None:
         return EXIT_CONFIG
     url = (args.url or os.environ.get("BLAST_SUPERVISOR_URL")
            or tools.base_url(cfg.listen.host, cfg.listen.port))
