@@ -20,6 +20,11 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # mount/umount put the journal on a size-limited tmpfs, then remount it read-only
 # (tests/test_storage_faults.py: disk full and read-only state directory, as root).
 command -v mount >/dev/null 2>&1 || need+=(mount)
+# The benchmarks (bench/run.py --quick, below): wrk is the load generator, nginx the reference
+# reverse proxy, taskset (util-linux) pins the processes compared to their cores.
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive

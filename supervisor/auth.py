@@ -13,7 +13,7 @@ import aiohttp
 
 from .clock import Clock
 from .config import AuthConfig
-from .upstream import Upstream
+from .upstream import Upstream, read_capped
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Authenticator:
         try:
             async with self._limit, self.upstream.session.get(
                     self.upstream.url("/instance", query), timeout=timeout) as resp:
-                raw = await resp.content.read(1024 * 1024)
+                raw = await read_capped(resp, 1024 * 1024) or b""
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("cannot verify a token for %s: api-blast unreachable: %s",
                         instance_id, exc)

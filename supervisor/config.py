@@ -506,6 +506,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def validate(cfg: Config) -> list[str]:
+    """The cross-field problems of an already built configuration (used on reload, where
+    restart-only keys keep their running value and the mix must be checked again)."""
+    errors: list[str] = []
+    _validate(cfg, errors)
+    return errors
+
+
 def parse_config(mapping: Any) -> Config:
     """Build a :class:`Config` from a parsed YAML mapping (``None`` means all defaults)."""
     errors: list[str] = []

@@ -23,7 +23,7 @@ from .api import Api
 from .attribution import Attributor
 from .auth import Authenticator
 from .clock import Clock, SystemClock
-from .config import Config, ConfigError
+from .config import Config, ConfigError, validate
 from .housekeeping import Housekeeper
 from .journal import (
     EventRecord,
@@ -46,7 +46,7 @@ from .sources.file import FileSource
 from .sources.journald import JournaldSource
 from .sources.journald import stream_name as journald_stream
 from .sources.stdin import StdinSource
-from .stats import Stats
+from .stats import Stats, overall
 from .systemd import Notifier, NullNotifier, status_line
 from .upstream import SendResult, Upstream
 
@@ -89,6 +89,9 @@ class ChildProcess(Protocol):
 
     async def restart(self, reason: str) -> None:
         """Stop the child and start it again."""
+
+    def kill_now(self) -> None:
+        """Kill the child at once (exiting without an orderly shutdown)."""
 
 
 class _ServiceMetrics(Collector):
@@ -154,6 +157,7 @@ class Supervisor:
         self.proxy: Proxy | None = None
         self.port: int = cfg.listen.port
         self.crashed: str | None = None  # what failed, when a component loop died
+        self._quiesced = False  # quiesce() ran (it runs once)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -193,6 +197,7 @@ class Supervisor:
         self.replayer = replayer = Replayer(cfg.queue, self.sessions, self.journal, self._send,
                                             self.clock)
         replayer.on_crash = self._component_crashed
+        replayer.hold_sending()  # until the first pass over the log (run())
         replayer.on_outcome = self.metrics.on_outcome
         replayer.on_settled = self._on_settled
         self.auth = Authenticator(cfg.auth, self.upstream, self.clock)
@@ -275,6 +280,8 @@ class Supervisor:
             if src.type != "stdin":  # a pipe may end; a file, journal or child never does
                 self.components["tail"] = source_task
             await self._first_pass(source, source_task)
+            if self.replayer is not None:
+                self.replayer.start_sending()
             if self.procwatch is not None:
                 self.components["procwatch"] = tg.create_task(self.procwatch.run(),
                                                               name="procwatch")
@@ -288,6 +295,7 @@ class Supervisor:
                      len(self.sessions.known()), replayer_total(self.replayer))
             self.notifier.ready()
             await self._main_loop()
+            await self.quiesce()
             # Stop reading (a command child gets SIGTERM, then SIGKILL after its deadline);
             # what was read is committed before the journal closes.
             source.request_stop()
@@ -399,12 +407,13 @@ class Supervisor:
         if force or now - self._status_at >= STATUS_REFRESH_S:
             self._status_at = now
             if self.journal is not None:
+                # The persisted outcome totals (not the message rows: retention prunes those).
                 try:
-                    counts = await self.journal.counts()
+                    figures = await self.api.stats.read(self.cfg.monitoring.window_s, {})
                 except JournalError:
-                    counts = {}
-                self._status_counts = (sum(c.get("delivered", 0) for c in counts.values()),
-                                       sum(c.get("dead", 0) for c in counts.values()))
+                    figures = {}
+                total = overall(figures.values()).total
+                self._status_counts = (total.delivered, total.dead)
         self.notifier.status(self.status_text())
 
     def status_text(self) -> str:
@@ -436,6 +445,15 @@ class Supervisor:
                 except ConfigError as exc:
                     for line in exc.errors:
                         log.error("reload refused, the running configuration stays: %s", line)
+                    return False
+                effective, _ = reload_plan(self.cfg, new)
+                problems = validate(effective)
+                if problems:
+                    # e.g. auth.mode none with listen.host changed to loopback in the file,
+                    # while the running listener (restart-only) still binds a public address.
+                    for line in problems:
+                        log.error("reload refused with the running listener and state dir: %s; "
+                                  "the running configuration stays", line)
                     return False
                 self.reconfigure(new)
                 return True
@@ -493,9 +511,13 @@ class Supervisor:
         app.router.add_post("/supervisor/_test/block-loop", block_loop)
         app.router.add_post("/supervisor/_test/stop-component", stop_component)
 
-    async def shutdown(self) -> None:
-        """Ordered shutdown with a deadline."""
-        log.info("shutting down")
+    async def quiesce(self) -> None:
+        """The first steps of a shutdown, once: nothing new goes out, in-flight sends finish
+        within one shared deadline. Runs before the log source (a command child: api-blast
+        itself) is stopped, so no send is cut off by its own upstream going away."""
+        if self._quiesced:
+            return
+        self._quiesced = True
         # 0. Tell systemd (STOPPING=1): no watchdog ping is expected from here on.
         self.notifier.stopping()
         # 1. Stop picking replay work; in-flight attempts go on.
@@ -505,12 +527,21 @@ class Supervisor:
         if self.runner is not None:
             for site in list(self.runner.sites):
                 await site.stop()
-        # 3. Let in-flight sends (inline and replayed) finish within the deadline; any left is
-        #    still 'sending' in the journal and becomes 'unknown' on the next start.
+        # 3. Let in-flight sends (inline and replayed) finish within one deadline; any left
+        #    is still 'sending' in the journal and becomes 'unknown' on the next start.
+        deadline = self.clock.monotonic() + SHUTDOWN_DEADLINE_S
         if self.proxy is not None:
             await self.proxy.wait_inline(SHUTDOWN_DEADLINE_S)
-        if self.replayer is not None and not await self.replayer.drain(SHUTDOWN_DEADLINE_S):
+        left = max(0.0, deadline - self.clock.monotonic())
+        if self.replayer is not None and not await self.replayer.drain(left):
             log.warning("some sends were still in flight at the shutdown deadline")
+
+    async def shutdown(self) -> None:
+        """Ordered shutdown with a deadline."""
+        log.info("shutting down")
+        # 0-3. STOPPING=1, stop sending and accepting, let in-flight sends finish (run() did
+        #      it already before stopping the log source, unless it never got that far).
+        await self.quiesce()
         # 4. Close the HTTP server and the client session.
         if self.runner is not None:
             await self.runner.cleanup()
@@ -687,6 +718,8 @@ async def run_forever(cfg: Config, load: Callable[[], Config] | None = None,
     def on_signal() -> None:
         if sup.stopping:
             log.warning("second stop signal: exiting now")
+            if sup.child is not None:
+                sup.child.kill_now()  # api-blast must not outlive its supervisor
             os._exit(1)
         sup.request_stop()
 
@@ -708,6 +741,9 @@ async def run_forever(cfg: Config, load: Callable[[], Config] | None = None,
         await sup.run()
     except StartupError as exc:
         log.error("%s", exc)
+        code = 1
+    except Exception:  # a component loop raised (an ExceptionGroup from the TaskGroup)
+        log.exception("a component failed; shutting down")
         code = 1
     finally:
         await sup.shutdown()

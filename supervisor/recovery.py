@@ -37,7 +37,7 @@ from .auth import Authenticator
 from .clock import Clock
 from .config import RecoveryConfig, SessionConfig
 from .sessions import Sessions, SessionState
-from .upstream import Upstream
+from .upstream import Upstream, read_capped
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ class Recovery:
             # which deletes the session and asks for a new QR scan.
             async with self.upstream.session.get(self.upstream.url("/instance", query),
                                                  timeout=timeout) as resp:
-                raw = await resp.content.read(1024 * 1024)
+                raw = await read_capped(resp, 1024 * 1024) or b""
             result = f"HTTP {resp.status}"
             self._learn(instance_id, raw)
             self.stats.nudges += 1

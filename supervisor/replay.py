@@ -63,6 +63,7 @@ class Lane:
     in_flight: str | None = None
     pending: int = 0  # sends being journaled that will join this lane
     last_send_at: float = -math.inf  # monotonic time of the last send (pacing)
+    previous_send_at: float = -math.inf  # last_send_at before an inline reservation
     unavailable_streak: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
@@ -90,6 +91,9 @@ class Replayer:
         self._send = send
         self.lanes: dict[str, Lane] = {}
         self._stopping = False
+        # False until the owner has read the log once (start_sending): sessions restored
+        # from the journal may be stale until the lines written meanwhile were applied.
+        self.sending = True
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -156,12 +160,13 @@ class Replayer:
         before the journal commit, so arrival order is kept."""
         lane = self.lane(instance_id)
         now = self.clock.monotonic()
-        if (not self._stopping and lane.in_flight is None and not lane.items
+        if (self.sending and not self._stopping and lane.in_flight is None and not lane.items
                 and lane.pending == 0 and instance_id not in self.paused
                 and now >= lane.last_send_at + self.cfg.process_interval_s):
             gate = self.sessions.gate(instance_id, now)
             if gate.action is not GateAction.HOLD:
                 lane.in_flight = "(inline)"
+                lane.previous_send_at = lane.last_send_at
                 lane.last_send_at = now
                 return lane, gate.action
         lane.pending += 1
@@ -176,7 +181,7 @@ class Replayer:
         """Undo :meth:`admit` when the journal refused the row."""
         if inline:
             lane.in_flight = None
-            lane.last_send_at = -math.inf
+            lane.last_send_at = lane.previous_send_at  # nothing went out: the slot is unused
         else:
             lane.pending -= 1
         lane.wake.set()
@@ -196,6 +201,8 @@ class Replayer:
         for message_id, entry in list(self.unrecorded.items()):
             if any(lane.in_flight == message_id for lane in self.lanes.values()):
                 continue  # being sent again: its own outcome will be recorded, and is newer
+            if self.unrecorded.get(message_id) is not entry:
+                continue  # a newer outcome replaced (or recorded) this one while we waited
             try:
                 await self.journal.record(message_id, entry[0], entry[1])
             except JournalError:
@@ -243,7 +250,8 @@ class Replayer:
     def _next_step(self, lane: Lane) -> tuple[GateAction | None, float | None]:
         """``(SEND|PROBE, None)`` to send the head now, else ``(None, seconds to sleep)``
         (``None`` seconds: until woken)."""
-        if lane.in_flight is not None or not lane.items or lane.instance_id in self.paused:
+        if (lane.in_flight is not None or not lane.items or lane.instance_id in self.paused
+                or not self.sending):
             return None, None
         now = self.clock.monotonic()
         gate = self.sessions.gate(lane.instance_id, now)
@@ -263,6 +271,11 @@ class Replayer:
                 lane.in_flight = None  # cancelled or finished meanwhile
                 self._settle_idle()
                 return
+            if item.id not in self.unrecorded:
+                # The journal is the truth (an admin requeue may have reset the counters
+                # while this item waited); only an outcome not yet written is newer.
+                item.attempts, item.failures = row.attempts, row.failures
+                item.unknown_count = row.unknown_count
             await self.journal.set_state(item.id, MessageState.SENDING, self.clock.time())
         except JournalError as exc:
             log.error("journal unavailable, replay of %s postponed: %s", item.id, exc.cause)
@@ -358,6 +371,16 @@ class Replayer:
     def _settle_idle(self) -> None:
         if all(lane.in_flight is None for lane in self.lanes.values()):
             self._idle.set()
+
+    def hold_sending(self) -> None:
+        """Journal and queue, but send nothing, until :meth:`start_sending`."""
+        self.sending = False
+
+    def start_sending(self) -> None:
+        """Let the lanes (and inline sends) go."""
+        self.sending = True
+        for lane in self.lanes.values():
+            lane.wake.set()
 
     def request_stop(self) -> None:
         """Stop picking new work; in-flight attempts go on."""

@@ -74,7 +74,10 @@ class Session:
         if self.state is SessionState.CONFLICT and self.ready_pending and now >= self.hold_until:
             return SessionState.READY
         if (
-            self.state not in (SessionState.READY, SessionState.UNKNOWN)
+            # logged_out and needs_qr wait for a person (a QR scan), not for api-blast:
+            # they keep their name, and recovery leaves them alone.
+            self.state not in (SessionState.READY, SessionState.UNKNOWN,
+                               SessionState.LOGGED_OUT, SessionState.NEEDS_QR)
             and self.dropped_at is not None
             and now - self.dropped_at > timeout_s
         ):

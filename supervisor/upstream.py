@@ -69,7 +69,11 @@ class Upstream:
                 method, self.url(path, query), headers=hdrs, data=body, timeout=timeout,
                 allow_redirects=False,
             ) as resp:
-                answer = await resp.content.read(MAX_ANSWER_BYTES)
+                answer = await read_capped(resp, MAX_ANSWER_BYTES)
+                if answer is None:
+                    return SendResult(Outcome(
+                        OutcomeKind.UNKNOWN,
+                        f"api-blast's answer is over {MAX_ANSWER_BYTES} bytes; not read"))
                 return SendResult(classify(resp.status, answer), resp.status, resp.headers, answer)
         except aiohttp.ClientConnectorError as exc:
             # Nothing was written: api-blast is down or not listening.
@@ -87,6 +91,19 @@ class Upstream:
             detail = str(exc) or type(exc).__name__
             return SendResult(Outcome(OutcomeKind.UNKNOWN,
                                       f"connection to api-blast lost during the send: {detail}"))
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole answer body (to its end, however many segments it came in), or None when it
+    is over ``limit`` bytes. A body cut short raises ``aiohttp.ClientPayloadError``."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def forwardable(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:

@@ -22,7 +22,7 @@ from conftest import (
     wait_until,
 )
 
-from supervisor.config import parse_config
+from supervisor.config import parse_config, validate
 from supervisor.daemon import reload_plan
 
 SEND_PATH = f"/send_message?instance_id={INSTANCE}&access_token={TOKEN}"
@@ -167,3 +167,15 @@ def test_reload_plan_names_what_needs_a_restart(change: dict[str, Any],
         assert effective == new
     if "limits" in change:
         assert effective.limits.instance_id_pattern == "^[A-Z]+$"
+
+
+def test_reload_cannot_turn_off_auth_on_a_public_listener() -> None:
+    """A reloaded file that moves to loopback *and* sets auth.mode none is refused: the
+    listener keeps its public address until a restart, so the mix must be checked again."""
+    old = parse_config({"listen": {"host": "0.0.0.0"}, "auth": {"mode": "upstream"}})
+    new = parse_config({"listen": {"host": "127.0.0.1"}, "auth": {"mode": "none"}})
+    effective, restart = reload_plan(old, new)
+    assert effective.listen.host == "0.0.0.0"
+    assert "listen" in " ".join(restart)
+    problems = validate(effective)
+    assert any(p.startswith("auth.mode:") for p in problems), problems

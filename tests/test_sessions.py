@@ -282,6 +282,9 @@ def test_apply_returns_the_instance_it_changed() -> None:
         ([(0, K.READY, None), (10, K.DISCONNECTED, 428), (100, K.READY, None)], 500, S.READY),
         ([(0, K.READY, None)], 10_000, S.READY),
         ([], 10_000, S.UNKNOWN),
+        # waiting for a QR scan is a person's job, not a stall of api-blast
+        ([(0, K.READY, None), (10, K.LOGGED_OUT, 401)], 10_000, S.LOGGED_OUT),
+        ([(0, K.READY, None), (10, K.QR, None)], 10_000, S.NEEDS_QR),
     ],
 )
 def test_view_state_shows_stalled(events: list[tuple[float, EventKind, int | None]], at: float,

@@ -114,6 +114,24 @@ async def test_position_stays_before_an_unfinished_record() -> None:
     assert [(f.event.kind.value, f.event.code, f.line) for f in found] == [("conflict", 440, 2)]
 
 
+async def test_session_changes_of_a_failed_commit_ride_with_the_next_one() -> None:
+    """A conflict read while the journal refused the commit is stored with the next
+    successful commit, so the position never moves past an unstored session change."""
+    h = Harness()
+    dump = STOCK[12:36]  # the 440 dump
+    h.fail_commits = True
+    await h.intake(_batch(dump, 1))
+    assert h.commits == []
+    h.fail_commits = False
+    await h.intake(_batch(["Total sessions:  1"], 25))
+    _stream, mark, changed, found = h.commits[-1]
+    assert mark == _pos(100 * 25)
+    assert changed == {INSTANCE}
+    assert [(f.event.kind.value, f.event.code) for f in found] == [("conflict", 440)]
+    await h.intake(_batch(["Total sessions:  1"], 26))
+    assert h.commits[-1][2] == set() and h.commits[-1][3] == []
+
+
 async def test_a_record_held_from_an_earlier_batch_keeps_the_stored_mark() -> None:
     """While a record begun in an earlier batch is still open, the position does not move."""
     h = Harness()

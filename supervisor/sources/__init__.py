@@ -128,6 +128,9 @@ class Intake:
         self._changed = asyncio.Event()
         self._stopping = False
         self.stats = IntakeStats()
+        # Applied in memory but not stored yet (a commit failed): stored with the next one.
+        self._unstored_changed: set[str] = set()
+        self._unstored_found: list[Found] = []
 
     def _stream(self, name: str) -> _Stream:
         st = self._streams.get(name)
@@ -196,16 +199,22 @@ class Intake:
                 changed.update(self._apply(f))
                 self.stats.events += 1
                 self.stats.by_kind[e.kind.value] = self.stats.by_kind.get(e.kind.value, 0) + 1
-        if self._commit is None or (mark is None and not found):
+        if self._commit is None or (mark is None and not found and not self._unstored_found):
             return None
+        # Session changes of a batch whose commit failed ride along with this one: the
+        # position only moves forward together with every change read before it.
+        changed |= self._unstored_changed
+        found = self._unstored_found + found
         try:
             await self._commit(stream, mark, changed, found)
         except Exception as exc:  # the journal names the fault; reading goes on
+            self._unstored_changed, self._unstored_found = changed, found
             self.stats.commit_failures += 1
             log.error("could not store the log position and session state of %s: %s (the "
                       "lines since the last stored position are read again after a restart)",
                       stream, getattr(exc, "cause", exc))
             return None
+        self._unstored_changed, self._unstored_found = set(), []
         self.stats.commits += 1
         return mark
 

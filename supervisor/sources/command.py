@@ -117,14 +117,20 @@ class CommandSource:
                    asyncio.ensure_future(self._read(proc.stderr, STDERR, sink))]
         exited = asyncio.ensure_future(proc.wait())
         self._wake.clear()
-        while not exited.done():
-            waker = asyncio.ensure_future(self._wake.wait())
-            await asyncio.wait([exited, waker], return_when=asyncio.FIRST_COMPLETED)
-            waker.cancel()
-            if not exited.done() and (self._stopping or self._restart_now):
-                await self._terminate(proc)
-            self._wake.clear()
-        await asyncio.gather(*readers)
+        try:
+            while not exited.done():
+                waker = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait([exited, waker], return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+                if not exited.done() and (self._stopping or self._restart_now):
+                    await self._terminate(proc)
+                self._wake.clear()
+            await asyncio.gather(*readers)
+        finally:
+            if proc.returncode is None:
+                # Cancelled because another part of the daemon failed: never leave api-blast
+                # running without its supervisor (a second one would share its sessions).
+                await asyncio.shield(self._terminate(proc))
         code = proc.returncode
         self.exits.append(code)
         self.spawned.clear()
@@ -133,6 +139,13 @@ class CommandSource:
     async def _read(self, reader: asyncio.StreamReader, stream: str, sink: Sink) -> None:
         self._line_no[stream] = await pump(reader, stream, sink, self.cfg.max_line_bytes,
                                            first_line_no=self._line_no[stream])
+
+    def kill_now(self) -> None:
+        """SIGKILL the child's process group at once (the daemon is exiting without an
+        orderly shutdown)."""
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            self._signal(proc, signal.SIGKILL)
 
     async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
         """SIGTERM to the child's process group; SIGKILL after ``stop_timeout_s``."""
