@@ -162,7 +162,8 @@ class Recommendation:
                 "evidence": dict(self.evidence)}
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A short human duration: ``45 s``, ``12 min``, ``3.5 h``."""
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -187,7 +188,7 @@ def _conflict_storm_advice(e: Evidence) -> str:
     found = (f"; duplicate api-blast processes found: pids {', '.join(map(str, pids))} — "
              f"stop all but one" if pids else "")
     return (f"440 conflict storm ({e['conflicts']} conflicts within "
-            f"{_duration(e['within_s'])}): another connection uses this WhatsApp session: "
+            f"{duration(e['within_s'])}): another connection uses this WhatsApp session: "
             f"{_DUPLICATE_CAUSES}{found}. Reconnecting will not help until the other "
             f"connection is gone.")
 
@@ -242,7 +243,7 @@ def _backlog_advice(e: Evidence) -> str:
             f"(queue.process_interval_s = {e['process_interval_s']:g} s)"
             if e["max_per_minute"] else "")
     return (f"the queue grew from {e['queued_before']} to {e['queued']} in "
-            f"{_duration(e['within_s'])} while the session was ready: reduce the sending "
+            f"{duration(e['within_s'])} while the session was ready: reduce the sending "
             f"frequency{pace}")
 
 
@@ -281,16 +282,16 @@ RULES: tuple[Rule, ...] = (
         f"{', '.join(map(str, e['pids']))}): two sockets on one WhatsApp session replace each "
         f"other (440); stop all but one, and run it under pm2 in fork mode only")),
     Rule("repeated_conflicts", Severity.WARNING, _repeated_conflicts, lambda e: (
-        f"repeated 440 conflicts ({e['conflicts']} within {_duration(e['within_s'])}): "
+        f"repeated 440 conflicts ({e['conflicts']} within {duration(e['within_s'])}): "
         f"another connection uses this WhatsApp session: {_DUPLICATE_CAUSES}")),
     Rule("stalled", Severity.CRITICAL, _stalled, lambda e: (
-        f"not ready for {_duration(e['down_for_s'])} since a drop (code "
+        f"not ready for {duration(e['down_for_s'])} since a drop (code "
         f"{e['code'] or 'unknown'}): look at api-blast's console output for why it does not "
         f"reconnect, and restart api-blast if it stays down; {e['queued']} message(s) wait")),
     Rule("backlog_growing", Severity.WARNING, _backlog, _backlog_advice),
     Rule("low_success_rate", Severity.WARNING, _low_success, lambda e: (
         f"only {e['success_rate']:.1f} % of the last {e['finished']} finished messages were "
-        f"delivered (within {_duration(e['within_s'])}, warning below {e['threshold']:g} %): "
+        f"delivered (within {duration(e['within_s'])}, warning below {e['threshold']:g} %): "
         f"read their last_error with `blast-supervisor queue list --state dead`")),
     Rule("dead_messages", Severity.WARNING, _dead, lambda e: (
         f"{e['dead']} dead message(s) wait for a decision: requeue them (dashboard, or "

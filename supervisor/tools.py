@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TextIO
 
+from .health import duration
+
 EXIT_HEALTHY = 0
 EXIT_WARNING = 1
 EXIT_CRITICAL = 2
@@ -113,15 +115,6 @@ def _message(doc: Any) -> str:
 def pct(value: float | None) -> str:
     """``80.0 %`` or ``-`` when there is no figure."""
     return "-" if value is None else f"{value:.1f} %"
-
-
-def duration(seconds: float) -> str:
-    """A short human duration."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[str]],
