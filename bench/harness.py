@@ -117,7 +117,8 @@ class Procs:
             self.files.append(out)
             kw["stdout"] = out
             kw["stderr"] = subprocess.STDOUT
-        proc = subprocess.Popen(argv, cwd=REPO, **kw)
+        kw.setdefault("cwd", REPO)
+        proc = subprocess.Popen(argv, **kw)
         self.procs.append(proc)
         return proc
 

@@ -246,7 +246,7 @@ class Supervisor:
         try:
             unknown = await self.journal.recover_in_flight(self.clock.time(),
                                                            self.cfg.queue.on_unknown)
-            rows = await self.journal.active()
+            rows = await self.journal.active_progress()
             paused = await self.journal.paused_instances()
         except JournalError as exc:
             self.proxy.unavailable = self.api.failing["journal"] = exc.cause

@@ -15,6 +15,7 @@ The disconnect code decides the event, never a message text alone: ``Stream Erro
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -115,12 +116,41 @@ class Rule:
     code: int | None = None
     fallback: EventKind | None = None
     ignore: bool = False
+    # A literal every match contains (:func:`literal_needle`): a record without it is not
+    # searched at all, which keeps catching up on a large log cheap. None: always searched.
+    needle: str | None = None
+
+
+def literal_needle(pattern: re.Pattern[str]) -> str | None:
+    """The longest run of plain literals at the top level of ``pattern`` (two characters or
+    more), which every match must contain; None when there is none or it is not exact."""
+    if pattern.flags & re.IGNORECASE:
+        return None
+    try:
+        parsed = _RE_PARSER.parse(pattern.pattern, pattern.flags)
+        if parsed.state.flags & re.IGNORECASE:
+            return None
+        best, run = "", []
+        for op, arg in [*parsed.data, (None, None)]:
+            if op is _RE_LITERAL:
+                run.append(chr(arg))
+                continue
+            best = max(best, "".join(run), key=len)
+            run = []
+    except Exception:  # the regex module's internals changed: no needle, always searched
+        return None
+    return best if len(best) >= 2 else None
+
+
+_RE_PARSER: Any = importlib.import_module("re._parser")
+_RE_LITERAL: Any = importlib.import_module("re._constants").LITERAL
 
 
 def rule(name: str, pattern: str, kind: EventKind | None, code: int | None = None,
          fallback: EventKind | None = None) -> Rule:
     """Build a :class:`Rule` from a pattern string."""
-    return Rule(name, re.compile(pattern), kind, code, fallback)
+    compiled = re.compile(pattern)
+    return Rule(name, compiled, kind, code, fallback, needle=literal_needle(compiled))
 
 
 _ID = r"(?P<instance_id>[0-9A-Za-z]{10,20})"
@@ -194,7 +224,9 @@ def compile_rules(extra: Iterable[tuple[str, str, str, int | None]]) -> tuple[Ru
     own: list[Rule] = []
     for name, pattern, event, code in extra:
         if event == IGNORE:
-            own.append(Rule(name, re.compile(pattern), None, code, ignore=True))
+            compiled = re.compile(pattern)
+            own.append(Rule(name, compiled, None, code, ignore=True,
+                            needle=literal_needle(compiled)))
         else:
             own.append(rule(name, pattern, EventKind(event), code))
     names = {r.name for r in own}
@@ -219,6 +251,8 @@ def parse(record: str, rules: Sequence[Rule] = DEFAULT_RULES) -> Event | None:
             if obj.get("isBoom") is True:
                 return parse_boom_json(obj)
     for r in rules:
+        if r.needle is not None and r.needle not in text:
+            continue
         m = r.pattern.search(text)
         if m is None:
             continue

@@ -110,6 +110,20 @@ class MessageRow:
 
 
 @dataclass(frozen=True, slots=True)
+class ActiveRow:
+    """A message still to be sent, as its lane needs it (no body: it stays in the journal)."""
+
+    seq: int
+    id: str
+    instance_id: str
+    state: MessageState
+    attempts: int
+    failures: int
+    unknown_count: int
+    next_attempt_at: float  # epoch seconds
+
+
+@dataclass(frozen=True, slots=True)
 class Progress:
     """The fields an attempt changes."""
 
@@ -878,6 +892,18 @@ class Journal:
                 f"SELECT {_COLUMNS} FROM messages WHERE state IN ('queued', 'sending', 'unknown') "
                 "ORDER BY seq").fetchall()
             return [_row(r) for r in rows]
+        return await self.call(op)
+
+    async def active_progress(self) -> list[ActiveRow]:
+        """Every message still to be sent, oldest first, without bodies and headers: what the
+        lanes hold at startup (a large queue is read back fast and without its bodies)."""
+        def op(conn: sqlite3.Connection) -> list[ActiveRow]:
+            rows = conn.execute(
+                "SELECT seq, id, instance_id, state, attempts, failures, unknown_count, "
+                "next_attempt_at FROM messages WHERE state IN ('queued', 'sending', 'unknown') "
+                "ORDER BY seq").fetchall()
+            return [ActiveRow(r[0], r[1], r[2], MessageState(r[3]), r[4], r[5], r[6], r[7])
+                    for r in rows]
         return await self.call(op)
 
     async def list_messages(self, instance_id: str | None = None,

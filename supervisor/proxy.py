@@ -159,15 +159,17 @@ class Proxy:
     async def _read_body(self, request: web.Request) -> bytes | web.Response:
         """The whole body, within ``limits.max_body_bytes`` and ``limits.body_timeout_s``."""
         limits = self.cfg.limits
-        too_large = json_error(413, f"request body over limits.max_body_bytes "
-                                    f"({limits.max_body_bytes} bytes)")
+
+        def too_large() -> web.Response:  # built only when needed: not on every send
+            return json_error(413, f"request body over limits.max_body_bytes "
+                                   f"({limits.max_body_bytes} bytes)")
         if request.content_length is not None and request.content_length > limits.max_body_bytes:
-            return too_large
+            return too_large()
         try:
             async with asyncio.timeout(limits.body_timeout_s):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return too_large
+            return too_large()
         except TimeoutError:
             return json_error(408, f"the request body did not arrive within "
                                    f"limits.body_timeout_s ({limits.body_timeout_s:g} s)",

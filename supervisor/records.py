@@ -71,6 +71,14 @@ class LineSplitter:
             if nl < 0:
                 self._take(data, pos, len(data))
                 break
+            if not self._buf and not self._skipped and nl - pos <= self.max_line_bytes:
+                # The whole line is in this chunk: decoded from it, without the buffer copy.
+                end = nl - 1 if nl > pos and data[nl - 1] == 13 else nl  # 13: b"\r"
+                lines.append(data[pos:end].decode("utf-8", "replace"))
+                starts.append(self.offset)
+                self.offset += nl - pos + 1
+                pos = nl + 1
+                continue
             self._take(data, pos, nl)
             lines.append(self._line())
             starts.append(self.offset)
@@ -130,6 +138,8 @@ class Record:
 
 
 def _depth_change(line: str) -> int:
+    if "{" not in line and "[" not in line and "}" not in line and "]" not in line:
+        return 0  # most lines: no bracket, no quote scan
     bare = _QUOTED.sub("", line)
     return bare.count("{") + bare.count("[") - bare.count("}") - bare.count("]")
 

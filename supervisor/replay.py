@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from .clock import Clock
 from .config import QueueConfig
-from .journal import Journal, JournalError, MessageRow, MessageState, Progress
+from .journal import ActiveRow, Journal, JournalError, MessageRow, MessageState, Progress
 from .outcome import Outcome, OutcomeKind
 from .sessions import GateAction, Sessions
 from .upstream import SendResult
@@ -137,7 +137,7 @@ class Replayer:
 
     # ------------------------------------------------------------------ startup
 
-    def load(self, rows: Iterable[MessageRow]) -> int:
+    def load(self, rows: Iterable[ActiveRow | MessageRow]) -> int:
         """Put journaled active messages back into their lanes (after a restart)."""
         now_mono, now_wall = self.clock.monotonic(), self.clock.time()
         n = 0
@@ -190,9 +190,10 @@ class Replayer:
         """A committed queued message joins its lane; returns its 1-based position."""
         lane.pending -= 1
         item = Item(seq, message_id, self.clock.monotonic())
-        bisect.insort(lane.items, item)
+        at = bisect.bisect_right(lane.items, item)  # seq order; no O(n) search afterwards
+        lane.items.insert(at, item)
         lane.wake.set()
-        return lane.items.index(item) + 1 + (1 if lane.in_flight else 0)
+        return at + 1 + (1 if lane.in_flight else 0)
 
     async def record_pending(self) -> int:
         """Record the outcomes kept in :attr:`unrecorded`, oldest first; stops at the first

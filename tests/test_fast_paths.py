@@ -4,17 +4,20 @@
   skips a rule whose needle is not in the record before running its regex.
 * ``LineSplitter.feed`` decodes a line straight from the chunk when nothing is held.
 * ``records._depth_change`` returns 0 without the quote scan when a line has no bracket.
+* ``Journal.active_progress`` (the startup load) reads what ``active`` reads, without bodies.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 from conftest import FIXTURES
 
 from supervisor import events
+from supervisor.journal import ActiveRow, Journal, MessageState, NewMessage, Progress
 from supervisor.records import Assembler, LineSplitter, _depth_change, strip_prefix
 
 LOGS = ("apiblast_stock_console.log", "apiblast_variant_console.log",
@@ -69,7 +72,7 @@ def test_operator_rules_get_needles() -> None:
     """A rule from the YAML gets its needle too, and still wins over the built-in ones."""
     rules = events.compile_rules([("mine", r"Session (?P<instance_id>[0-9A-Z]{13}) is up",
                                    "ready", None)])
-    assert rules[0].needle == " is up"
+    assert rules[0].needle == "Session "  # the first of the two longest runs
     ev = events.parse("Session 68B2F1A0C3D4E is up", rules)
     assert ev is not None and ev.kind is events.EventKind.READY and ev.rule == "mine"
 
@@ -111,3 +114,28 @@ def test_splitter_fast_path_same_lines(max_line_bytes: int, chunk: int) -> None:
 def test_depth_change(line: str, depth: int) -> None:
     """Brackets outside quotes count; a line without any is 0."""
     assert _depth_change(line) == depth
+
+
+async def test_active_progress_is_active_without_bodies(tmp_path: Path) -> None:
+    """The startup load reads the same messages, states and counters as ``active``."""
+    journal = await Journal.open(tmp_path)
+    try:
+        states = [MessageState.QUEUED, MessageState.DELIVERED, MessageState.SENDING,
+                  MessageState.DEAD, MessageState.UNKNOWN, MessageState.CANCELLED,
+                  MessageState.QUEUED]
+        for n, state in enumerate(states):
+            instance = "68B2F1A0C3D4E" if n % 2 else "7A1B2C3D4E5F6"
+            await journal.insert(NewMessage(f"m{n}", instance, "POST", "/send_message",
+                                            f"instance_id={instance}", (), b"chat_id=1"),
+                                 state, 1.0 + n)
+        await journal.record("m2", Progress(MessageState.UNKNOWN, attempts=2, failures=1,
+                                            unknown_count=1, next_attempt_at=9.5,
+                                            last_error="timeout"), 5.0)
+        full = await journal.active()
+        light = await journal.active_progress()
+    finally:
+        await journal.close()
+    assert [r.id for r in light] == ["m0", "m2", "m4", "m6"]
+    assert light == [ActiveRow(r.seq, r.id, r.instance_id, r.state, r.attempts, r.failures,
+                               r.unknown_count, r.next_attempt_at) for r in full]
+    assert light[1].state is MessageState.UNKNOWN and light[1].attempts == 2
