@@ -29,7 +29,7 @@ from conftest import (
 
 A, TOKEN_A = INSTANCE, TOKEN  # the simulator's first instance (a jid made from its id)
 B, TOKEN_B, JID_B = "68B2F3C55B019", "b7e41c09d2a63", "6289876543210:3@s.whatsapp.net"
-RECONNECT_MS = 4000
+RECONNECT_MS = 6000  # wide enough for the probe to release B well before A is back, under load
 CONFLICT_DELAY_S = 0.5
 
 

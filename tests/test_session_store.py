@@ -7,6 +7,7 @@ restores the states at startup and distrusts them when the log was not resumed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -123,8 +124,11 @@ def test_daemon_restart_keeps_state_when_the_log_resumes(tmp_path: Path,
     assert "restored the session state of 1 instances" in second.output()
     assert second.stop() == 0
     # 2. The file replaced by another one (no rotated copy): lines may have been missed.
-    log.unlink()
-    log.write_text("Total sessions:  1\n")
+    # Written beside it, then moved over it: the new file cannot reuse the old inode (an
+    # unlink-then-create could, and would look like a copytruncate of the same file).
+    replacement = tmp_path / "replacement.log"
+    replacement.write_text("Total sessions:  1\n")
+    os.replace(replacement, log)
     third = start_supervisor(children, tmp_path, config, port, name="supervisor-3")
     assert _session(port, INSTANCE)["state"] == "unknown"
     assert "are not trusted" in third.output()
