@@ -205,6 +205,10 @@ class Supervisor:
         self.api = Api(cfg, self.journal, self.sessions, replayer, self.auth, self.clock,
                        stats=Stats(self.journal, self.clock), metrics=self.metrics,
                        recent_events=self.recent_events)
+        # Until the first pass over the log is done, sends are journaled and answered 202 but
+        # not sent (the stored session states may be stale): health says so (503).
+        self.api.failing["startup"] = ("starting: reading api-blast's output once before "
+                                       "sending; sends are journaled and held meanwhile")
         self.housekeeper = Housekeeper(cfg, self.journal, self.clock, self._restore_queue,
                                        await self._restore_queue(), replayer.record_pending)
         self._start_service_parts()
@@ -282,6 +286,7 @@ class Supervisor:
             await self._first_pass(source, source_task)
             if self.replayer is not None:
                 self.replayer.start_sending()
+            self.api.failing.pop("startup", None)
             if self.procwatch is not None:
                 self.components["procwatch"] = tg.create_task(self.procwatch.run(),
                                                               name="procwatch")
