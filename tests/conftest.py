@@ -126,8 +126,10 @@ def supervisor_config(tmp: Path, upstream_port: int, log_path: Path, **overrides
 
 
 def start_supervisor(children: list[Child], tmp: Path, config: Path, port: int,
-                     name: str = "supervisor") -> Child:
-    """Run ``python -m supervisor run`` and wait until its health answers."""
+                     name: str = "supervisor", healthy_statuses: tuple[int, ...] = (200,)
+                     ) -> Child:
+    """Run ``python -m supervisor run`` and wait until its health answers one of
+    ``healthy_statuses`` (200: serving; add 503 for a daemon started into a fault)."""
     child = Child([sys.executable, "-m", "supervisor", "run", "-c", str(config)],
                   tmp / f"{name}.out", cwd=REPO)
     children.append(child)
@@ -137,7 +139,8 @@ def start_supervisor(children: list[Child], tmp: Path, config: Path, port: int,
             raise AssertionError(f"supervisor exited {child.proc.returncode}:\n"
                                  f"{child.output()[-3000:]}")
         try:
-            return http("GET", f"http://127.0.0.1:{port}/supervisor/health")[0] == 200
+            status = http("GET", f"http://127.0.0.1:{port}/supervisor/health")[0]
+            return status in healthy_statuses
         except OSError:
             return False
     wait_until(healthy, 20, "the supervisor to answer /supervisor/health")

@@ -70,20 +70,7 @@ def fill(path: Path) -> None:
 def start_failing(children: list[Child], tmp: Path, config: Path, port: int,
                   name: str = "supervisor") -> Child:
     """Start the daemon and wait until it answers (its health may well be 503)."""
-    child = Child([sys.executable, "-m", "supervisor", "run", "-c", str(config)],
-                  tmp / f"{name}.out", cwd=REPO)
-    children.append(child)
-
-    def answers() -> bool:
-        if child.proc.poll() is not None:
-            raise AssertionError(f"supervisor exited {child.proc.returncode}:\n"
-                                 f"{child.output()[-3000:]}")
-        try:
-            return health(port)[0] in (200, 503)
-        except OSError:
-            return False
-    wait_until(answers, 20, "the supervisor to answer /supervisor/health")
-    return child
+    return start_supervisor(children, tmp, config, port, name, healthy_statuses=(200, 503))
 
 
 def refused(port: int, words: str, caption: str = "refused") -> None:
