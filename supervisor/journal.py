@@ -10,6 +10,7 @@ only after its row is committed. This module is the only place with SQL.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -492,6 +493,11 @@ class Journal:
         self._thread = threading.Thread(target=self._writer, name="journal-writer", daemon=True)
         self._closed = False
         self._thread.start()
+        # Reads that must not wait behind the writer's commits (API, dashboards) run on a
+        # second, read-only connection in a thread of their own (WAL: readers never block).
+        self._reader = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="journal-reader")
+        self._read_conn: tuple[sqlite3.Connection, int] | None = None  # (conn, self.opens)
 
     @classmethod
     async def open(cls, state_dir: str | Path,
@@ -528,6 +534,8 @@ class Journal:
         self._closed = True
         self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join)
+        await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
+        self._reader.shutdown(wait=False)
 
     # ------------------------------------------------------------------ the writer thread
 
@@ -541,6 +549,40 @@ class Journal:
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put((fn, fut))
         return await fut
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run the read-only ``fn(conn)`` on the reader connection: it sees every committed
+        transaction and never waits behind a commit in progress. While the journal is not
+        open, or when the reader fails, the read goes through :meth:`call` (same errors)."""
+        if self._closed or self._conn is None or self.fault is not None:
+            return await self.call(fn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._reader, self._read_op, fn)
+        except (sqlite3.Error, OSError, RuntimeError):  # RuntimeError: the pool was shut down
+            return await self.call(fn)
+
+    def _read_op(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """(reader thread) ``fn`` on the read-only connection, reopened after the writer
+        opened the file again (it may be another file now)."""
+        held = self._read_conn
+        if held is None or held[1] != self.opens:
+            self._close_reader()
+            conn = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            held = self._read_conn = (conn, self.opens)
+        try:
+            return fn(held[0])
+        except sqlite3.Error:
+            self._close_reader()
+            raise
+
+    def _close_reader(self) -> None:
+        if self._read_conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._read_conn[0].close()
+            self._read_conn = None
 
     def _writer(self) -> None:
         while True:
@@ -862,7 +904,7 @@ class Journal:
             r = conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE id = ?",
                              (message_id,)).fetchone()
             return _row(r) if r else None
-        return await self.call(op)
+        return await self.read(op)
 
     async def recover_in_flight(self, now: float, on_unknown: str = "retry") -> int:
         """Mark sends that were in flight when the process died as ``unknown`` (to be sent
@@ -925,7 +967,7 @@ class Journal:
 
         def op(conn: sqlite3.Connection) -> list[MessageRow]:
             return [_row(r) for r in conn.execute(sql, args).fetchall()]
-        return await self.call(op)
+        return await self.read(op)
 
     async def counts(self) -> dict[str, dict[str, int]]:
         """Message counts per instance and state."""
@@ -1129,7 +1171,7 @@ class Journal:
                 "SELECT instance_id, COUNT(*) FROM messages WHERE state = 'dead' "
                 "GROUP BY instance_id")}
             return window, totals, dead
-        return await self.call(op)
+        return await self.read(op)
 
     async def prune_outcomes(self, before: float) -> int:
         """Forget per-message outcomes and minute counts older than ``before`` (the totals

@@ -570,3 +570,47 @@ async def test_recover_in_flight_with_on_unknown_fail_makes_them_dead(journal: J
     assert (row.state, row.unknown_count) == (M.DEAD, 1)
     assert row.last_error is not None and "on_unknown is 'fail'" in row.last_error
     assert [r.id for r in await journal.active()] == ["msg-0002"]
+
+
+async def test_reads_do_not_wait_behind_a_commit_in_progress(journal: Journal) -> None:
+    """get/list_messages/outcome_figures run on the reader connection: with the writer
+    thread held inside a transaction, they still answer, and see only what was committed."""
+    await journal.insert(_msg(1), M.QUEUED, 1.0)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE messages SET attempts = 99")
+        entered.set()
+        release.wait(30)
+
+    held = asyncio.ensure_future(journal.call(hold))
+    try:
+        await asyncio.to_thread(entered.wait, 30)
+        row = await asyncio.wait_for(journal.get("msg-0001"), 10)
+        assert row is not None and row.attempts == 0  # the held write is not visible
+        assert [r.id for r in await asyncio.wait_for(journal.list_messages(), 10)] == ["msg-0001"]
+        await asyncio.wait_for(journal.outcome_figures(0.0), 10)
+    finally:
+        release.set()
+    await held
+    row = await journal.get("msg-0001")
+    assert row is not None and row.attempts == 99  # committed now: the reader sees it
+
+
+async def test_reader_follows_a_reopened_journal(tmp_path: Path) -> None:
+    """After the writer opened the file again (a fault cleared, a file written back), the
+    reader connection is opened again too; before the file is open, reads go through the
+    writer and report its fault."""
+    j = await Journal.open(tmp_path)
+    try:
+        await j.insert(_msg(1), M.QUEUED, 1.0)
+        assert await j.get("msg-0001") is not None
+        held = j._read_conn
+        assert held is not None
+        j.opens += 1  # as after a reopen by the writer thread
+        assert await j.get("msg-0001") is not None
+        assert j._read_conn is not None and j._read_conn[0] is not held[0]
+    finally:
+        await j.close()
+    with pytest.raises(JournalError, match="closed"):
+        await j.get("msg-0001")
