@@ -38,6 +38,7 @@ from .metrics import Metrics
 from .procwatch import ProcessWatcher, ProcInfo
 from .proxy import Proxy
 from .recovery import Recovery
+from .relay import LocalRoutes, Relay, RelaySite
 from .replay import Lane, Replayer, next_delay_s
 from .sessions import Sessions, SessionState
 from .sources import Batch, Found, Intake, Source
@@ -228,7 +229,11 @@ class Supervisor:
                                     keepalive_timeout=cfg.limits.idle_timeout_s,
                                     lingering_time=1.0)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, cfg.listen.host, cfg.listen.port, reuse_address=True)
+        # The public listener is the byte-level pass-through relay: plain pass-through
+        # requests are spliced to api-blast, every other connection is handed to aiohttp.
+        assert self.runner.server is not None
+        relay = Relay(cfg, self.runner.server, LocalRoutes(app, self.proxy.pass_through))
+        site = RelaySite(self.runner, relay, cfg.listen.host, cfg.listen.port)
         try:
             await site.start()
         except OSError as exc:

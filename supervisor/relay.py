@@ -1,0 +1,970 @@
+"""The byte-level pass-through relay in front of the aiohttp application.
+
+The public listener is an :class:`asyncio.Protocol` (:class:`ClientConn`), not aiohttp's
+server. For each request it parses only the head (request line and headers) and decides:
+
+* a plain pass-through request (HTTP/1.1, a path the application does not route itself, no
+  ``Expect``/``Upgrade``, framing it fully understands) is relayed as bytes over a pooled
+  keep-alive connection to api-blast (:class:`UpstreamConn`): the head is rewritten as
+  :func:`supervisor.upstream.forwardable` would (hop-by-hop headers and those named in
+  ``Connection`` dropped, ``Host`` set for the upstream), the body and the answer are
+  streamed with flow control both ways, pipelined requests are answered in order;
+* anything else — guarded sends, the supervisor's own routes, ``/instance``, anything
+  unusual or malformed — is handed over to aiohttp for the rest of the connection's life
+  (aiohttp's protocol takes the transport and every byte buffered so far), so that
+  behaviour there is exactly aiohttp's.
+
+No asyncio Task or Future is created per request: everything is protocol callbacks (a task
+is created only to open a new upstream connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any, cast
+
+from aiohttp import web
+from yarl import URL
+
+from .config import Config
+from .upstream import HOP_BY_HOP
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD = 8190  # a longer head goes to aiohttp (its max_line_size / max_field_size)
+MAX_HEADERS = 100
+BUFFER_HIGH = 256 * 1024  # client bytes buffered while a request is in flight: pause above
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+
+_METHOD = re.compile(rb"[A-Z]{1,20}")
+# origin-form only; no percent escape and no dot segment in the path (aiohttp's router would
+# decode or normalise them); a query, when there is one, is kept byte for byte.
+_TARGET = re.compile(rb"/[A-Za-z0-9\-_~!$&'()*+,;=:@/.]*(?:\?[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]+)?")
+_HEADER = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([\t\x20-\x7e]*)")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+
+# Request headers the relay looks at (all others are forwarded untouched).
+_R_HOST, _R_CL, _R_TE, _R_CONN, _R_HANDOVER, _R_DROP = range(6)
+_REQUEST_SPECIAL = {
+    b"host": _R_HOST, b"content-length": _R_CL, b"transfer-encoding": _R_TE,
+    b"connection": _R_CONN, b"expect": _R_HANDOVER, b"upgrade": _R_HANDOVER,
+    **{h.encode(): _R_DROP for h in HOP_BY_HOP
+       if h not in ("transfer-encoding", "connection", "upgrade")},
+}
+
+_HOP_BY_HOP = frozenset(h.encode() for h in HOP_BY_HOP)
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"content-length"})
+
+# Response framing.
+F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = range(4)
+# Client connection phases.
+P_IDLE, P_REQUEST, P_DONE = range(3)
+# Why the client transport's reading is paused (a bit each).
+PAUSE_UPSTREAM, PAUSE_BUFFER = 1, 2
+
+
+class Request:
+    """What the relay needs of a parsed plain request head."""
+
+    __slots__ = ("body_length", "chunked", "close", "head", "method")
+
+    def __init__(self, method: bytes, head: bytes, body_length: int, chunked: bool,
+                 close: bool) -> None:
+        self.method = method
+        self.head = head  # the head as it goes upstream, CRLF CRLF included
+        self.body_length = body_length
+        self.chunked = chunked
+        self.close = close
+
+
+def named_tokens(values: list[bytes]) -> set[bytes]:
+    """The lower-case tokens of ``Connection`` header values."""
+    return {t.strip(b" \t").lower() for v in values for t in v.split(b",")} - {b""}
+
+
+def parse_request(head: bytes, host_line: bytes, prefix: bytes,
+                  is_local: Callable[[bytes], bool]) -> Request | None:
+    """Parse a request head (without its final CRLF CRLF); None: not for the relay (hand
+    the connection over to aiohttp)."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or len(lines) > MAX_HEADERS:
+        return None
+    method, target = parts[0], parts[1]
+    if _METHOD.fullmatch(method) is None or _TARGET.fullmatch(target) is None:
+        return None
+    q = target.find(b"?")
+    path = target if q < 0 else target[:q]
+    if b"/." in path or path.startswith(b"//") or is_local(path):
+        return None
+    keep: list[bytes] = [b"%s %s%s HTTP/1.1" % (method, prefix, target)]
+    length = -1
+    chunked = False
+    hosts = 0
+    conn: list[bytes] | None = None
+    for line in lines[1:]:
+        m = _HEADER.fullmatch(line)
+        if m is None:
+            return None
+        kind = _REQUEST_SPECIAL.get(m.group(1).lower())
+        if kind is None:
+            keep.append(line)
+        elif kind == _R_CL:
+            value = m.group(2).strip(b" \t")
+            if length >= 0 or _DIGITS.fullmatch(value) is None:
+                return None
+            length = int(value)
+            keep.append(line)
+        elif kind == _R_HOST:
+            hosts += 1
+        elif kind == _R_TE:
+            if chunked or m.group(2).strip(b" \t").lower() != b"chunked":
+                return None
+            chunked = True
+        elif kind == _R_CONN:
+            if conn is None:
+                conn = []
+            conn.append(m.group(2))
+        elif kind == _R_HANDOVER:
+            return None
+    if hosts > 1 or (chunked and length >= 0):
+        return None
+    close = False
+    if conn is not None:
+        named = named_tokens(conn)
+        close = b"close" in named
+        named -= {b"close", b"keep-alive"}
+        if named:
+            if b"content-length" in named:
+                return None
+            keep = [keep[0], *(ln for ln in keep[1:]
+                               if ln[:ln.index(b":")].lower() not in named)]
+    if chunked:
+        keep.append(b"Transfer-Encoding: chunked")
+    keep.append(host_line)
+    keep.append(b"\r\n")
+    return Request(method, b"\r\n".join(keep), max(length, 0), chunked, close)
+
+
+class ChunkedDecoder:
+    """Finds the end of a chunked body; hands the chunk data to ``emit`` (trailers and chunk
+    extensions are dropped, as aiohttp does). Raises ValueError on a malformed body."""
+
+    SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
+    __slots__ = ("line", "remaining", "state")
+
+    def __init__(self) -> None:
+        self.state = self.SIZE
+        self.remaining = 0
+        self.line = b""
+
+    @property
+    def done(self) -> bool:
+        return self.state == self.DONE
+
+    def feed(self, data: bytes, emit: Callable[[bytes], None]) -> int:
+        """Consume ``data``; returns how many bytes belonged to the body."""
+        pos, n = 0, len(data)
+        while pos < n:
+            if self.state == self.DATA:
+                take = min(self.remaining, n - pos)
+                emit(data[pos:pos + take])
+                pos += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self.state = self.DATA_END
+                continue
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                self.line += data[pos:]
+                if len(self.line) > 4096:
+                    raise ValueError("chunk size line too long")
+                return n
+            line = self.line + data[pos:nl] if self.line else data[pos:nl]
+            self.line = b""
+            pos = nl + 1
+            if not line.endswith(b"\r"):
+                raise ValueError("chunk line without CRLF")
+            line = line[:-1]
+            if self.state == self.SIZE:
+                size = line.split(b";", 1)[0].strip(b" \t")
+                if _HEX.fullmatch(size) is None:
+                    raise ValueError(f"bad chunk size {size[:20]!r}")
+                self.remaining = int(size, 16)
+                self.state = self.DATA if self.remaining else self.TRAILER
+            elif self.state == self.DATA_END:
+                if line:
+                    raise ValueError("chunk data longer than its size")
+                self.state = self.SIZE
+            elif not line:  # TRAILER: an empty line ends the body
+                self.state = self.DONE
+                return pos
+        return pos
+
+
+def error_answer(status: int, message: str, close: bool) -> bytes:
+    """The JSON error the aiohttp pass-through gives (``json_error``), as bytes."""
+    body = json.dumps({"status": "error", "message": message}).encode()
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s"
+            % (status, HTTPStatus(status).phrase.encode(), len(body),
+               b"Connection: close\r\n" if close else b"", body))
+
+
+def parse_response(head: bytes, head_request: bool) -> tuple[int, list[bytes], int, int, bool]:
+    """(status, kept lines, framing, length, upstream keep-alive) of a response head."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or \
+            _DIGITS.fullmatch(parts[1]) is None or len(parts[1]) != 3:
+        raise ValueError(f"bad status line {lines[0][:80]!r}")
+    status = int(parts[1])
+    keep = [b"HTTP/1.1 " + b" ".join(parts[1:])]
+    length = -1
+    chunked = te = False
+    conn: list[bytes] = []
+    for line in lines[1:]:
+        m = _HEADER.fullmatch(line)
+        if m is None:
+            raise ValueError(f"bad header line {line[:80]!r}")
+        name = m.group(1).lower()
+        if name == b"content-length":
+            value = m.group(2).strip(b" \t")
+            if _DIGITS.fullmatch(value) is None or (length >= 0 and int(value) != length):
+                raise ValueError("bad Content-Length")
+            if length < 0:
+                keep.append(line)
+            length = int(value)
+        elif name == b"transfer-encoding":
+            te = True
+            chunked = m.group(2).strip(b" \t").lower().rsplit(b",", 1)[-1].strip() == b"chunked"
+        elif name == b"connection":
+            conn.append(m.group(2))
+        elif name not in _HOP_BY_HOP:
+            keep.append(line)
+    named = named_tokens(conn) if conn else set()
+    alive = parts[0] == b"HTTP/1.1" and b"close" not in named
+    named -= _CONNECTION_OPTIONS
+    if named:
+        keep = [keep[0], *(ln for ln in keep[1:] if ln[:ln.index(b":")].lower() not in named)]
+    if head_request or status in (204, 304) or status < 200:
+        framing = F_NONE
+    elif te:
+        framing = F_CHUNKED if chunked else F_CLOSE
+        keep = [ln for ln in keep if not ln[:15].lower().startswith(b"content-length:")]
+    elif length >= 0:
+        framing = F_LENGTH
+    else:
+        framing = F_CLOSE
+    if framing == F_CLOSE:
+        alive = False
+    return status, keep, framing, length, alive
+
+
+class LocalRoutes:
+    """The paths the aiohttp application routes itself (everything but the catch-all
+    pass-through resource), plus ``/instance`` (its answer is read by the pass-through)."""
+
+    def __init__(self, app: web.Application, pass_through: Any) -> None:
+        self.plain: set[bytes] = {b"/instance"}
+        self.patterns: list[re.Pattern[str]] = []
+        self.prefixes: list[bytes] = []
+        for resource in app.router.resources():
+            if any(route.handler == pass_through for route in resource):
+                continue
+            info = resource.get_info()
+            if "path" in info:
+                self.plain.add(str(info["path"]).encode())
+            elif "pattern" in info:
+                self.patterns.append(info["pattern"])
+            elif "prefix" in info:
+                self.prefixes.append(str(info["prefix"]).encode())
+            else:  # unknown kind of resource: route everything through aiohttp
+                self.prefixes.append(b"/")
+        self._cache: dict[bytes, bool] = {}
+
+    def __call__(self, path: bytes) -> bool:
+        hit = self._cache.get(path)
+        if hit is not None:
+            return hit
+        text = path.decode("ascii")
+        hit = (path in self.plain or any(p.fullmatch(text) for p in self.patterns)
+               or any(path.startswith(p) for p in self.prefixes))
+        if len(self._cache) < 4096:
+            self._cache[path] = hit
+        return hit
+
+
+class Relay:
+    """The pass-through relay: client connections, the upstream pool, the settings."""
+
+    def __init__(self, cfg: Config, server: web.Server, local: Callable[[bytes], bool]
+                 ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.server = server
+        self.local = local
+        self.url = cfg.upstream.url
+        url = URL(cfg.upstream.url)
+        # Only a plain http:// upstream is relayed; anything else keeps aiohttp's client.
+        self.enabled = (url.scheme == "http" and not url.user and not url.query_string
+                        and not url.fragment and url.host is not None)
+        self.host = url.host or ""
+        self.port = url.port or 80
+        authority = f"[{self.host}]" if ":" in self.host else self.host
+        if url.explicit_port:
+            authority += f":{self.port}"
+        self.host_line = b"Host: " + authority.encode("idna")
+        self.prefix = url.raw_path.rstrip("/").encode()
+        self.connect_timeout_s = cfg.upstream.connect_timeout_s
+        self.keepalive_s = cfg.upstream.keepalive_timeout_s
+        self.pass_through_timeout_s = cfg.upstream.pass_through_timeout_s
+        self.idle_timeout_s = cfg.limits.idle_timeout_s
+        self.clients: set[ClientConn] = set()
+        self.pool: list[UpstreamConn] = []
+        self._sweep: asyncio.TimerHandle | None = None
+        self._connecting: set[asyncio.Task[None]] = set()
+        self.closing = False
+
+    def connection(self) -> asyncio.Protocol:
+        """The protocol factory of the public listener."""
+        return ClientConn(self)
+
+    # ------------------------------------------------------------------ upstream pool
+
+    def acquire(self) -> UpstreamConn | None:
+        """A pooled idle connection still within its keep-alive, or None."""
+        pool = self.pool
+        if not pool:
+            return None
+        now = self.loop.time()
+        while pool:
+            up = pool.pop()
+            if not up.closed and now - up.idle_since < self.keepalive_s:
+                return up
+            up.close()
+        return None
+
+    def release(self, up: UpstreamConn) -> None:
+        """Back to the pool (or closed when keep-alive is off or the relay is closing)."""
+        if up.closed:
+            return
+        if self.closing or self.keepalive_s <= 0:
+            up.close()
+            return
+        up.idle_since = self.loop.time()
+        self.pool.append(up)
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(self.keepalive_s, self._sweep_pool)
+
+    def discard(self, up: UpstreamConn) -> None:
+        if up in self.pool:
+            self.pool.remove(up)
+
+    def _sweep_pool(self) -> None:
+        """Close pooled connections idle for keepalive_timeout_s (below Node's 5 s)."""
+        self._sweep = None
+        now = self.loop.time()
+        fresh = []
+        for up in self.pool:
+            if now - up.idle_since >= self.keepalive_s:
+                up.close()
+            else:
+                fresh.append(up)
+        self.pool[:] = fresh
+        if fresh:
+            oldest = min(up.idle_since for up in fresh)
+            self._sweep = self.loop.call_at(oldest + self.keepalive_s, self._sweep_pool)
+
+    def connect(self, client: ClientConn, seq: int) -> None:
+        """Open a new upstream connection for ``client``'s request ``seq``."""
+        task = self.loop.create_task(self._connect(client, seq))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _connect(self, client: ClientConn, seq: int) -> None:
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, up = await self.loop.create_connection(lambda: UpstreamConn(self),
+                                                          self.host, self.port)
+        except TimeoutError:
+            client.upstream_failed(seq, 504, f"api-blast did not answer within "
+                                             f"{self.pass_through_timeout_s:g} s")
+        except OSError as exc:
+            client.upstream_failed(seq, 502, f"api-blast at {self.url} is unreachable: "
+                                             f"{exc.strerror or exc}")
+        else:
+            client.upstream_ready(seq, up)
+
+    def close(self) -> None:
+        """Stop: idle client connections close now, busy ones after their answer."""
+        self.closing = True
+        for client in list(self.clients):
+            if client.phase == P_IDLE and not client.buf:
+                client.transport.close()
+        for up in self.pool:
+            up.close()
+        self.pool.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+
+class UpstreamConn(asyncio.Protocol):
+    """One keep-alive connection to api-blast; parses the answer to find where it ends."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.client: ClientConn | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.reading_paused = False
+        self.buf = b""
+        self.state = F_NONE  # while answering: -1 head, else the framing of the body
+        self.remaining = 0
+        self.decoder: ChunkedDecoder | None = None
+        self.head_request = False
+        self.got = False  # any answer byte received for the current request
+        self.alive = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is no subclass)
+
+    def begin(self, client: ClientConn, head_request: bool) -> None:
+        self.client = client
+        self.state = -1
+        self.buf = b""
+        self.got = False
+        self.head_request = head_request
+        if client.writing_paused:
+            self.pause()
+
+    def pause(self) -> None:
+        if not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.closed = True
+        self.client = None
+        self.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause(PAUSE_UPSTREAM)
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume(PAUSE_UPSTREAM)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:  # nothing was asked: a confused upstream
+            self.close()
+            return
+        self.got = True
+        if self.state == -1:
+            if self.buf:
+                data = self.buf + data
+                self.buf = b""
+            self._head(client, data)
+            return
+        self._body(client, data)
+
+    def _head(self, client: ClientConn, data: bytes) -> None:
+        while True:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > 65536:
+                    self._fail(client, "the answer's head is too long")
+                else:
+                    self.buf = data
+                return
+            try:
+                status, keep, framing, length, alive = parse_response(data[:end],
+                                                                      self.head_request)
+            except ValueError as exc:
+                self._fail(client, str(exc))
+                return
+            data = data[end + 4:]
+            if status < 200:
+                if status == 101:
+                    self._fail(client, "unexpected 101 Switching Protocols")
+                    return
+                if not data:  # an interim answer (100, 103): dropped, the final one follows
+                    return
+                continue
+            break
+        self.alive = alive
+        self.state = framing
+        if framing in (F_CHUNKED, F_CLOSE):
+            keep.append(b"Transfer-Encoding: chunked")
+            self.decoder = ChunkedDecoder() if framing == F_CHUNKED else None
+        elif framing == F_LENGTH:
+            self.remaining = length
+        if client.start_answer():
+            keep.append(b"Connection: close")
+        keep.append(b"\r\n")
+        head = b"\r\n".join(keep)
+        if framing == F_NONE:
+            if data:
+                self.alive = False
+            client.transport.write(head)
+            self._done(client)
+        elif framing == F_LENGTH and len(data) >= length:
+            if len(data) > length:
+                self.alive = False
+                data = data[:length]
+            client.transport.write(head + data)
+            self._done(client)
+        elif framing == F_LENGTH:
+            self.remaining -= len(data)
+            client.transport.write(head + data)
+        else:
+            client.transport.write(head)
+            if data:
+                self._body(client, data)
+
+    def _body(self, client: ClientConn, data: bytes) -> None:
+        state = self.state
+        if state == F_LENGTH:
+            n = len(data)
+            if n < self.remaining:
+                self.remaining -= n
+                client.transport.write(data)
+                return
+            if n > self.remaining:
+                self.alive = False
+                data = data[:self.remaining]
+            self.remaining = 0
+            client.transport.write(data)
+            self._done(client)
+        elif state == F_CHUNKED:
+            assert self.decoder is not None
+            try:
+                used = self.decoder.feed(data, client.write_chunk)
+            except ValueError as exc:
+                log.warning("pass-through: api-blast sent a bad chunked body: %s", exc)
+                self.alive = False
+                self.close()
+                client.abort()
+                return
+            if self.decoder.done:
+                if used < len(data):
+                    self.alive = False
+                client.transport.write(b"0\r\n\r\n")
+                self._done(client)
+        elif state == F_CLOSE:
+            client.write_chunk(data)
+
+    def _done(self, client: ClientConn) -> None:
+        self.state = F_NONE
+        self.decoder = None
+        client.answer_complete(self, self.alive)
+
+    def _fail(self, client: ClientConn, detail: str) -> None:
+        self.alive = False
+        self.close()
+        client.upstream_error(self, f"error talking to api-blast: {detail}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        client = self.client
+        self.client = None
+        if client is None:
+            self.relay.discard(self)
+            return
+        if self.state == F_CLOSE:  # a close-delimited answer ends here
+            client.transport.write(b"0\r\n\r\n")
+            self.state = F_NONE
+            client.answer_complete(self, False)
+        else:
+            client.upstream_lost(self, self.got, self.state == -1)
+
+
+class ClientConn(asyncio.Protocol):
+    """One client connection on the public listener."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.loop = relay.loop
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.buf = bytearray()
+        self.phase = P_IDLE
+        self.paused = 0
+        self.writing_paused = False
+        self.eof = False
+        self.up: UpstreamConn | None = None
+        self.seq = 0
+        # the request in flight
+        self.req: Request | None = None
+        self.pending: list[bytes] | None = None  # body bytes before the upstream is ready
+        self.pending_size = 0
+        self.body_left = 0
+        self.decoder: ChunkedDecoder | None = None
+        self.body_done = True
+        self.answer_started = False
+        self.close_after = False
+        self.attempts = 0
+        # one lazily re-armed timer: idle timeout between requests, pass-through timeout
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is no subclass)
+        if not self.relay.enabled:
+            self.handover()
+            return
+        self.relay.clients.add(self)
+        self._set_deadline(self.loop.time() + self.relay.idle_timeout_s)
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase == P_REQUEST:
+            if not self.body_done:
+                data = self._body(data)
+                if not data:
+                    return
+            self.buf += data
+            if len(self.buf) > BUFFER_HIGH:
+                self.pause(PAUSE_BUFFER)
+            return
+        if self.phase != P_IDLE:
+            return
+        if self.buf:
+            self.buf += data
+            self._next(self.buf)
+        else:
+            self._next(data)
+
+    def eof_received(self) -> bool | None:
+        if self.phase == P_REQUEST:
+            self.eof = True
+            return True  # the answer still goes out, then the connection closes
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = P_DONE
+        self.relay.clients.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        up, self.up = self.up, None
+        if up is not None:
+            up.close()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        if self.up is not None:
+            self.up.pause()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.up is not None:
+            self.up.resume()
+
+    # ------------------------------------------------------------------ flow control
+
+    def pause(self, reason: int) -> None:
+        if not self.paused and self.phase != P_DONE:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and self.phase != P_DONE:
+                self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ timers
+
+    def _set_deadline(self, when: float) -> None:
+        self.deadline = when
+        if self.timer is None or self.timer_at > when:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = when
+            self.timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.phase == P_DONE:
+            return
+        if self.loop.time() < self.deadline:
+            self.timer_at = self.deadline
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+            return
+        if self.phase == P_IDLE:  # idle, or the request head never completed
+            self.phase = P_DONE
+            self.transport.close()
+            return
+        up, self.up = self.up, None
+        if up is not None:
+            up.close()
+        if not self.answer_started:
+            self.transport.write(error_answer(
+                504, f"api-blast did not answer within {self.relay.pass_through_timeout_s:g} s",
+                True))
+        self.phase = P_DONE
+        self.transport.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def _next(self, data: bytes | bytearray) -> None:
+        """Start the next request in ``data`` (the buffered bytes), or hand over."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(data) > MAX_HEAD:
+                self.handover()
+            elif data is not self.buf:
+                self.buf += data
+            return
+        relay = self.relay
+        req = parse_request(bytes(data[:end]), relay.host_line, relay.prefix, relay.local) \
+            if end <= MAX_HEAD else None
+        if req is None:
+            if data is not self.buf:
+                self.buf += data
+            self.handover()
+            return
+        rest = data[end + 4:]
+        if data is self.buf:
+            self.buf = bytearray()
+        self.phase = P_REQUEST
+        self.req = req
+        self.seq += 1
+        self.attempts = 1
+        self.answer_started = False
+        self.close_after = req.close or self.eof or relay.closing
+        self._set_deadline(self.loop.time() + relay.pass_through_timeout_s)
+        if req.chunked:
+            self.decoder = ChunkedDecoder()
+            self.body_done = False
+        else:
+            self.decoder = None
+            self.body_left = req.body_length
+            self.body_done = req.body_length == 0
+        up = relay.acquire()
+        if up is None:
+            self.pending = [req.head]
+            self.pending_size = 0
+            relay.connect(self, self.seq)
+        else:
+            self.pending = None
+            self.up = up
+            up.begin(self, req.method == b"HEAD")
+            up.transport.write(req.head)
+        if rest:
+            self.data_received(bytes(rest))
+
+    def _send_up(self, data: bytes) -> None:
+        if self.pending is None:
+            if self.up is not None:
+                self.up.transport.write(data)
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size > BUFFER_HIGH:
+            self.pause(PAUSE_BUFFER)
+
+    def _send_chunk(self, data: bytes) -> None:
+        if data:
+            self._send_up(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def _body(self, data: bytes) -> bytes:
+        """Forward the request body's bytes in ``data``; returns what follows the body."""
+        if self.decoder is not None:
+            try:
+                used = self.decoder.feed(data, self._send_chunk)
+            except ValueError as exc:
+                log.info("pass-through: bad chunked request body: %s", exc)
+                self.abort()
+                return b""
+            if not self.decoder.done:
+                return b""
+            self._send_up(b"0\r\n\r\n")
+            rest = data[used:]
+        else:
+            n = self.body_left
+            if len(data) <= n:
+                self.body_left = n - len(data)
+                self._send_up(data)
+                rest = b""
+            else:
+                self._send_up(data[:n])
+                self.body_left = 0
+                rest = data[n:]
+            if self.body_left:
+                return b""
+        self.body_done = True
+        return rest
+
+    def write_chunk(self, data: bytes) -> None:
+        """One piece of a chunked (or close-delimited) answer body, chunk-encoded."""
+        if data:
+            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def start_answer(self) -> bool:
+        """The answer's head goes out now; True: the connection closes after the answer."""
+        self.answer_started = True
+        if not self.body_done or self.eof or self.relay.closing:
+            self.close_after = True
+        return self.close_after
+
+    def answer_complete(self, up: UpstreamConn, reusable: bool) -> None:
+        if self.up is not up:
+            return
+        self.up = None
+        up.client = None
+        up.resume()
+        if reusable and self.body_done:
+            self.relay.release(up)
+        else:
+            up.close()
+        self.resume(PAUSE_UPSTREAM)
+        self._finish()
+
+    def _finish(self) -> None:
+        """The request is answered (and its body read): next one, or close."""
+        if self.close_after or not self.body_done or self.eof:
+            self.phase = P_DONE
+            self.transport.close()
+            return
+        self.phase = P_IDLE
+        self.req = None
+        self.pending = None
+        self._set_deadline(self.loop.time() + self.relay.idle_timeout_s)
+        if self.paused & PAUSE_BUFFER:
+            self.resume(PAUSE_BUFFER)
+        if self.buf:
+            self._next(self.buf)
+
+    def _error(self, status: int, message: str) -> None:
+        """Answer the request in flight with a JSON error (no upstream answer came)."""
+        self.up = None
+        self.pending = None
+        self.resume(PAUSE_UPSTREAM)
+        self.answer_started = True
+        close = self.close_after or not self.body_done or self.eof or self.relay.closing
+        self.close_after = close
+        self.transport.write(error_answer(status, message, close))
+        self._finish()
+
+    def upstream_ready(self, seq: int, up: UpstreamConn) -> None:
+        """A new upstream connection is open for request ``seq``."""
+        if seq != self.seq or self.phase != P_REQUEST or self.pending is None:
+            self.relay.release(up)  # the request is gone: keep it for the next
+            return
+        pending, self.pending = self.pending, None
+        self.up = up
+        up.begin(self, self.req is not None and self.req.method == b"HEAD")
+        up.transport.write(b"".join(pending))
+        if self.paused & PAUSE_BUFFER and len(self.buf) <= BUFFER_HIGH:
+            self.resume(PAUSE_BUFFER)
+
+    def upstream_failed(self, seq: int, status: int, message: str) -> None:
+        """Connecting for request ``seq`` failed."""
+        if seq == self.seq and self.phase == P_REQUEST and self.pending is not None:
+            self._error(status, message)
+
+    def upstream_error(self, up: UpstreamConn, message: str) -> None:
+        """The upstream's answer could not be understood."""
+        if self.up is not up:
+            return
+        if self.answer_started:
+            self.abort()
+        else:
+            self._error(502, message)
+
+    def upstream_lost(self, up: UpstreamConn, got_any: bool, in_head: bool) -> None:
+        """The upstream connection closed before the answer was complete."""
+        if self.up is not up:
+            return
+        self.up = None
+        if self.answer_started or not in_head:
+            self.abort()
+            return
+        req = self.req
+        if not got_any and self.attempts == 1 and req is not None and self.body_done \
+                and req.body_length == 0 and not req.chunked and req.method in IDEMPOTENT:
+            # A pooled connection closed by api-blast as we reused it: a request without a
+            # body and without side effects is sent again, once.
+            self.attempts = 2
+            nxt = self.relay.acquire()
+            if nxt is None:
+                self.pending = [req.head]
+                self.pending_size = 0
+                self.relay.connect(self, self.seq)
+            else:
+                self.up = nxt
+                nxt.begin(self, req.method == b"HEAD")
+                nxt.transport.write(req.head)
+            return
+        self._error(502, "api-blast closed the connection without answering")
+
+    def abort(self) -> None:
+        """Give up on this connection (its answer cannot be completed)."""
+        up, self.up = self.up, None
+        if up is not None:
+            up.close()
+        self.phase = P_DONE
+        self.transport.close()
+
+    def handover(self) -> None:
+        """Give the connection, with every byte buffered so far, to aiohttp for good."""
+        self.phase = P_DONE
+        self.relay.clients.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.paused:
+            self.paused = 0
+            self.transport.resume_reading()
+        proto = self.relay.server()
+        self.transport.set_protocol(proto)
+        proto.connection_made(self.transport)
+        if self.buf:
+            data, self.buf = bytes(self.buf), bytearray()
+            proto.data_received(data)
+        if self.eof:
+            proto.eof_received()
+
+
+class RelaySite(web.BaseSite):
+    """aiohttp's site for the public listener, with the relay as its protocol: the runner
+    starts and stops it like a ``TCPSite``."""
+
+    __slots__ = ("_host", "_port", "_relay")
+
+    def __init__(self, runner: web.BaseRunner, relay: Relay, host: str, port: int) -> None:
+        super().__init__(runner)
+        self._relay = relay
+        self._host = host
+        self._port = port
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        self._server = await self._relay.loop.create_server(
+            self._relay.connection, self._host, self._port, backlog=self._backlog,
+            reuse_address=True)
+
+    async def stop(self) -> None:
+        self._relay.close()
+        await super().stop()

@@ -1,0 +1,383 @@
+"""The byte-level pass-through relay (supervisor/relay.py), against real servers: the daemon
+in a child process, a Node upstream (tests/relay_upstream.js), raw sockets as the client.
+
+Answers relayed by the relay carry no ``Server`` header (Node sends none); answers given by
+aiohttp (a connection handed over) carry aiohttp's: that is how a test knows which side
+answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import (
+    INSTANCE,
+    REPO,
+    TOKEN,
+    Child,
+    free_port,
+    http,
+    start_supervisor,
+    supervisor_config,
+)
+
+from supervisor import relay
+
+UPSTREAM_JS = REPO / "tests" / "relay_upstream.js"
+PASS_THROUGH_TIMEOUT_S = 1.5
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    def names(self) -> set[str]:
+        return {k for k, _ in self.headers}
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def by_aiohttp(self) -> bool:
+        return (self.header("server") or "").find("aiohttp") >= 0
+
+
+class Conn:
+    """One raw client connection."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, method: str, target: str, body: bytes = b"",
+                headers: dict[str, str] | None = None) -> Response:
+        lines = [f"{method} {target} HTTP/1.1", "Host: client.example"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if body:
+            lines.append(f"Content-Length: {len(body)}")
+        self.send(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        return self.read(head_request=method == "HEAD")
+
+    def read(self, head_request: bool = False) -> Response:
+        status_line = self.file.readline()
+        assert status_line.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")), status_line
+        status = int(status_line.split()[1])
+        headers: list[tuple[str, str]] = []
+        while (line := self.file.readline()) != b"\r\n":
+            assert line, "connection closed inside a head"
+            name, _, value = line.decode("latin1").partition(":")
+            headers.append((name.strip().lower(), value.strip()))
+        resp = Response(status, headers, b"")
+        if head_request or status in (204, 304) or status < 200:
+            return resp
+        if (resp.header("transfer-encoding") or "").lower() == "chunked":
+            parts = []
+            while True:
+                size = int(self.file.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.file.readline() != b"\r\n":
+                        pass
+                    break
+                parts.append(self.file.read(size))
+                assert self.file.read(2) == b"\r\n"
+            resp.body = b"".join(parts)
+        elif (length := resp.header("content-length")) is not None:
+            resp.body = self.file.read(int(length))
+        else:
+            resp.body = self.file.read()
+        return resp
+
+    def closed_by_peer(self) -> bool:
+        return self.file.read(1) == b""
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+@dataclass
+class Stack:
+    port: int  # the daemon's public listener
+    upstream: int  # the Node upstream
+    daemon: Child
+
+    def stats(self) -> dict[str, Any]:
+        return http("GET", f"http://127.0.0.1:{self.upstream}/_stats")[2]
+
+    def calls(self, key: str) -> int:
+        return int(self.stats()["calls"].get(key, 0))
+
+
+def start_upstream(tmp: Path, procs: list[Child]) -> int:
+    node = Child(["node", str(UPSTREAM_JS)], tmp / "relay-upstream.out")
+    procs.append(node)
+    out = node.wait_for_output("relay upstream listening on")
+    found = re.search(r"127\.0\.0\.1:(\d+)", out)
+    assert found is not None
+    return int(found.group(1))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("relay")
+    procs: list[Child] = []
+    try:
+        upstream = start_upstream(tmp, procs)
+        log = tmp / "api-blast.log"
+        log.touch()
+        config, port = supervisor_config(
+            tmp, upstream, log, upstream={"pass_through_timeout_s": PASS_THROUGH_TIMEOUT_S})
+        daemon = start_supervisor(procs, tmp, config, port)
+        yield Stack(port, upstream, daemon)
+    finally:
+        for child in procs:
+            child.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def conn(stack: Stack) -> Iterator[Conn]:
+    c = Conn(stack.port)
+    yield c
+    c.close()
+
+
+def test_keep_alive_reuses_pooled_upstream_connections(stack: Stack, conn: Conn) -> None:
+    sockets = set()
+    for i in range(5):
+        resp = conn.request("GET", f"/echo?i={i}")
+        assert resp.status == 200 and not resp.by_aiohttp, resp
+        assert resp.json()["url"] == f"/echo?i={i}"
+        sockets.add(resp.header("x-socket"))
+    other = Conn(stack.port)  # another client gets the pooled upstream connection too
+    resp = other.request("GET", "/echo")
+    other.close()
+    sockets.add(resp.header("x-socket"))
+    assert len(sockets) == 1, sockets
+
+
+def test_pipelined_requests_are_answered_in_order(conn: Conn) -> None:
+    conn.send(b"GET /echo?n=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+              b"POST /echo?n=2 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+              b"GET /slow?ms=50 HTTP/1.1\r\nHost: x\r\n\r\n"
+              b"GET /echo?n=4 HTTP/1.1\r\nHost: x\r\n\r\n")
+    first, second, third, fourth = (conn.read() for _ in range(4))
+    assert first.json()["url"] == "/echo?n=1"
+    assert second.json()["url"] == "/echo?n=2" and second.json()["body"] == "hello"
+    assert third.json() == {"slow": True}
+    assert fourth.json()["url"] == "/echo?n=4"
+    assert not any(r.by_aiohttp for r in (first, second, third, fourth))
+
+
+def test_chunked_request_and_answer_bodies(conn: Conn) -> None:
+    conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
+    resp = conn.read()
+    assert resp.status == 200 and not resp.by_aiohttp
+    doc = resp.json()
+    assert doc["body"] == "hello world"
+    names = [h.lower() for h in doc["headers"][::2]]
+    assert "transfer-encoding" in names and "content-length" not in names
+    resp = conn.request("GET", "/chunked")  # Node answers chunked: streamed as chunks
+    assert resp.header("transfer-encoding") == "chunked" and resp.header("content-length") is None
+    assert resp.body == b"first,second,third"
+    assert conn.request("GET", "/echo?after").json()["url"] == "/echo?after"
+
+
+def test_large_bodies_stream_with_flow_control(stack: Stack, conn: Conn) -> None:
+    size = 20 * 1024 * 1024
+    block = bytes(range(256)) * 4096  # 1 MiB
+    conn.send(f"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+    for _ in range(size // len(block)):
+        conn.send(block)
+    doc = conn.read().json()
+    assert doc == {"size": size, "sha256": hashlib.sha256(block * 20).hexdigest()}
+
+    daemon = psutil.Process(stack.daemon.proc.pid)
+    before = daemon.memory_info().rss
+    conn.send(f"GET /big?n={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    time.sleep(1.0)  # the client reads nothing: the relay must stop reading the upstream
+    grown = daemon.memory_info().rss - before
+    assert grown < 8 * 1024 * 1024, f"the daemon buffered {grown} bytes for a stalled client"
+    resp = conn.read()
+    assert resp.status == 200 and len(resp.body) == size
+    assert resp.body[:32] == b"abcdefghijklmnop" * 2 and resp.body[-16:] == b"abcdefghijklmnop"
+    assert conn.request("GET", "/echo?still").status == 200
+
+
+def test_head_204_304_have_no_body(conn: Conn) -> None:
+    resp = conn.request("HEAD", "/echo")
+    assert resp.status == 200 and resp.header("content-length") not in (None, "0")
+    assert conn.request("GET", "/status?code=204").status == 204
+    resp = conn.request("GET", "/status?code=304")
+    assert resp.status == 304 and resp.header("etag") == '"x"'
+    # Had any of them been given a body, this answer would not parse.
+    resp = conn.request("GET", "/echo?next")
+    assert resp.status == 200 and resp.json()["url"] == "/echo?next"
+
+
+def test_upstream_closing_after_its_answer(conn: Conn) -> None:
+    closing = conn.request("GET", "/close")
+    assert closing.status == 200 and closing.json() == {"closing": True}
+    assert closing.header("connection") is None  # hop-by-hop: the client's stays open
+    after = conn.request("GET", "/echo")
+    assert after.status == 200
+    assert after.header("x-socket") != closing.header("x-socket")
+
+
+def test_hop_by_hop_headers_are_not_forwarded(stack: Stack, conn: Conn) -> None:
+    resp = conn.request("GET", "/echo", headers={
+        "Connection": "keep-alive, X-Hop", "X-Hop": "hop only", "Keep-Alive": "timeout=5",
+        "TE": "trailers", "Proxy-Authorization": "Basic eA==", "X-Custom": 'a,  b;c="d"'})
+    raw = resp.json()["headers"]
+    got = {k.lower(): v for k, v in zip(raw[::2], raw[1::2], strict=True)}
+    assert got["x-custom"] == 'a,  b;c="d"'
+    assert got["host"] == f"127.0.0.1:{stack.upstream}"
+    for name in ("connection", "x-hop", "keep-alive", "te", "proxy-authorization"):
+        assert name not in got, name
+    resp = conn.request("GET", "/hop")
+    assert resp.header("x-resp-kept") == "keep me"
+    assert not {"x-resp-hop", "keep-alive", "connection"} & resp.names()
+
+
+def test_raw_query_bytes_are_untouched(conn: Conn) -> None:
+    target = "/echo?a=%2f%2F&b=+x&c=caf%C3%A9&dup=1&dup=2&e=&flag&semi=a;b&q=?x/y"
+    resp = conn.request("GET", target)
+    assert not resp.by_aiohttp and resp.json()["url"] == target
+
+
+def test_slow_upstream_is_504(conn: Conn) -> None:
+    started = time.monotonic()
+    resp = conn.request("GET", "/slow?ms=4000")
+    took = time.monotonic() - started
+    assert resp.status == 504, resp
+    assert resp.json() == {"status": "error", "message": f"api-blast did not answer within "
+                                                         f"{PASS_THROUGH_TIMEOUT_S:g} s"}
+    assert PASS_THROUGH_TIMEOUT_S - 0.2 < took < PASS_THROUGH_TIMEOUT_S + 1.5
+
+
+def test_closed_connection_retried_once_for_get_not_post(stack: Stack, conn: Conn) -> None:
+    gets, posts = stack.calls("GET /destroy"), stack.calls("POST /destroy")
+    resp = conn.request("GET", "/destroy")
+    assert resp.status == 502 and resp.json() == {
+        "status": "error", "message": "api-blast closed the connection without answering"}
+    assert stack.calls("GET /destroy") == gets + 2  # the first try and one retry
+    resp = conn.request("POST", "/destroy", b"x=1")
+    assert resp.status == 502
+    assert resp.json()["message"] == "api-blast closed the connection without answering"
+    assert stack.calls("POST /destroy") == posts + 1  # a body: never sent twice
+    assert conn.request("GET", "/echo").status == 200
+
+
+def test_pass_through_then_guarded_on_one_connection(stack: Stack, conn: Conn) -> None:
+    first = conn.request("GET", "/echo?first")
+    assert first.status == 200 and not first.by_aiohttp
+    sent = conn.request("POST", f"/send_message?instance_id={INSTANCE}&access_token={TOKEN}",
+                        b"chat_id=6281234567890%40c.us&caption=hi",
+                        {"Content-Type": "application/x-www-form-urlencoded"})
+    assert sent.by_aiohttp and sent.status in (200, 202), sent
+    assert sent.header("x-supervisor-message-id")
+    after = conn.request("GET", "/echo?after")  # handed over for good: aiohttp passes it on
+    assert after.status == 200 and after.by_aiohttp and after.json()["url"] == "/echo?after"
+    health = Conn(stack.port)
+    resp = health.request("GET", "/supervisor/health")
+    health.close()
+    assert resp.by_aiohttp and resp.status == 200
+
+
+def test_malformed_request_is_answered_by_aiohttp(stack: Stack, conn: Conn) -> None:
+    before = stack.calls("GET /echo")
+    conn.send(b"GET /echo HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
+    resp = conn.read()
+    assert resp.status == 400 and resp.by_aiohttp
+    assert stack.calls("GET /echo") == before
+
+
+def test_unreachable_upstream_is_502(tmp_path: Path, children: list[Child]) -> None:
+    down = free_port()
+    log = tmp_path / "api-blast.log"
+    log.touch()
+    config, port = supervisor_config(tmp_path, down, log)
+    start_supervisor(children, tmp_path, config, port, healthy_statuses=(200, 503))
+    conn = Conn(port)
+    resp = conn.request("GET", "/echo")
+    assert resp.status == 502 and not resp.by_aiohttp
+    assert resp.json()["message"] == (f"api-blast at http://127.0.0.1:{down} is unreachable: "
+                                      f"Connect call failed ('127.0.0.1', {down})")
+    assert conn.request("POST", "/echo", b"body").status == 502  # the connection stays usable
+    conn.close()
+
+
+# ---------------------------------------------------------------------- the parsers alone
+
+def _parse(head: bytes) -> relay.Request | None:
+    return relay.parse_request(head, b"Host: up:8000", b"", {b"/supervisor/health"}.__contains__)
+
+
+def test_plain_heads_are_relayed_and_rewritten() -> None:
+    req = _parse(b"POST /a?x=%2F HTTP/1.1\r\nHost: c\r\nContent-Length: 3\r\nX-A: 1\r\n"
+                 b"Connection: keep-alive, X-B\r\nX-B: 2\r\nKeep-Alive: 5")
+    assert req is not None and req.body_length == 3 and not req.chunked and not req.close
+    assert req.head == (b"POST /a?x=%2F HTTP/1.1\r\nContent-Length: 3\r\nX-A: 1\r\n"
+                        b"Host: up:8000\r\n\r\n")
+    req = _parse(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close")
+    assert req is not None and req.chunked and req.close
+    assert req.head == b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nHost: up:8000\r\n\r\n"
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /supervisor/health HTTP/1.1",  # the application routes it itself
+    b"GET / HTTP/1.0",
+    b"get / HTTP/1.1",
+    b"GET http://x/ HTTP/1.1",
+    b"GET /a%2Fb HTTP/1.1",  # aiohttp's router sees the decoded path
+    b"GET /a/../supervisor/health HTTP/1.1",  # and the normalised one
+    b"GET //x HTTP/1.1",
+    b"GET /x? HTTP/1.1",
+    b"POST / HTTP/1.1\r\nExpect: 100-continue",
+    b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade",
+    b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1",
+    b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked",
+    b"POST / HTTP/1.1\r\nContent-Length: -1",
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b",
+    b"GET / HTTP/1.1\r\nX-A : 1",
+    b"GET / HTTP/1.1\r\n folded",
+    b"GET / HTTP/1.1\r\nX-A: caf\xc3\xa9",
+])
+def test_unusual_heads_are_handed_to_aiohttp(head: bytes) -> None:
+    assert _parse(head) is None
+
+
+def test_chunked_decoder_finds_the_end_in_any_split() -> None:
+    body = b"5;e=1\r\nhello\r\n6\r\n world\r\n0\r\nT: x\r\n\r\nNEXT"
+    for cut in range(1, len(body)):
+        dec, out = relay.ChunkedDecoder(), []
+        used = dec.feed(body[:cut], out.append)
+        if not dec.done:
+            assert used == cut
+            used = cut + dec.feed(body[cut:], out.append)
+        assert dec.done and body[used:] == b"NEXT" and b"".join(out) == b"hello world"
+    with pytest.raises(ValueError, match="chunk size"):
+        relay.ChunkedDecoder().feed(b"zz\r\n", [].append)
