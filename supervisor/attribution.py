@@ -104,6 +104,11 @@ class Attributor:
         return attribute(event, known, with_traffic, jids, self.adjacent(stream, n, now),
                          self.strategies)
 
+    def skip(self, stream: str, count: int) -> None:
+        """Count ``count`` records of ``stream`` that gave no event (what :meth:`observe`
+        does with each of them), passed over without being parsed."""
+        self._count[stream] = self._count.get(stream, 0) + count
+
     def adjacent(self, stream: str, record_no: int, now: float) -> str | None:
         """The instance named within the adjacency bounds before record ``record_no``."""
         last = self._last.get(stream)

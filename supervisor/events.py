@@ -119,6 +119,9 @@ class Rule:
     # A literal every match contains (:func:`literal_needle`): a record without it is not
     # searched at all, which keeps catching up on a large log cheap. None: always searched.
     needle: str | None = None
+    # Literals one of which every match contains (:func:`literal_needles`): a line holding
+    # none of them is passed over in bulk by the intake's fast path. None: not known.
+    needles: tuple[str, ...] | None = None
 
 
 def literal_needle(pattern: re.Pattern[str]) -> str | None:
@@ -142,15 +145,78 @@ def literal_needle(pattern: re.Pattern[str]) -> str | None:
     return best if len(best) >= 2 else None
 
 
+def literal_needles(pattern: re.Pattern[str]) -> tuple[str, ...] | None:
+    """Literals (two characters or more) one of which every match of ``pattern`` contains:
+    :func:`literal_needle` when there is one, else the needles of each branch of a required
+    alternation (``^(?:Last disconnect error|Connection closed, reason)…``); None when none
+    is exact."""
+    if pattern.flags & re.IGNORECASE:
+        return None
+    try:
+        parsed = _RE_PARSER.parse(pattern.pattern, pattern.flags)
+        if parsed.state.flags & re.IGNORECASE:
+            return None
+        return _needles_of(list(parsed.data))
+    except Exception:  # the regex module's internals changed: no needles, always searched
+        return None
+
+
+def required_chars(pattern: re.Pattern[str]) -> frozenset[str]:
+    """Characters every match of ``pattern`` contains (its literals outside any repeat,
+    group or alternation); empty when not known."""
+    if pattern.flags & re.IGNORECASE:
+        return frozenset()
+    try:
+        parsed = _RE_PARSER.parse(pattern.pattern, pattern.flags)
+        if parsed.state.flags & re.IGNORECASE:
+            return frozenset()
+        return frozenset(chr(arg) for op, arg in parsed.data if op is _RE_LITERAL)
+    except Exception:  # the regex module's internals changed: nothing known
+        return frozenset()
+
+
+def _needles_of(items: list[tuple[Any, Any]]) -> tuple[str, ...] | None:
+    """Needles of a sequence of parsed regex items (every match of the sequence holds one)."""
+    best, run = "", []
+    for op, arg in [*items, (None, None)]:
+        if op is _RE_LITERAL:
+            run.append(chr(arg))
+            continue
+        best = max(best, "".join(run), key=len)
+        run = []
+    if len(best) >= 2:
+        return (best,)
+    for op, arg in items:
+        if op is _RE_SUBPATTERN:
+            _group, add_flags, _del_flags, sub = arg
+            if add_flags & re.IGNORECASE:
+                continue
+            found = _needles_of(list(sub))
+        elif op is _RE_BRANCH:
+            alternatives = [_needles_of(list(b)) for b in arg[1]]
+            if any(a is None for a in alternatives):
+                continue
+            found = tuple(n for a in alternatives if a is not None for n in a)
+        else:
+            continue
+        if found:
+            return found
+    return None
+
+
 _RE_PARSER: Any = importlib.import_module("re._parser")
-_RE_LITERAL: Any = importlib.import_module("re._constants").LITERAL
+_RE_CONSTANTS: Any = importlib.import_module("re._constants")
+_RE_LITERAL: Any = _RE_CONSTANTS.LITERAL
+_RE_SUBPATTERN: Any = _RE_CONSTANTS.SUBPATTERN
+_RE_BRANCH: Any = _RE_CONSTANTS.BRANCH
 
 
 def rule(name: str, pattern: str, kind: EventKind | None, code: int | None = None,
          fallback: EventKind | None = None) -> Rule:
     """Build a :class:`Rule` from a pattern string."""
     compiled = re.compile(pattern)
-    return Rule(name, compiled, kind, code, fallback, needle=literal_needle(compiled))
+    return Rule(name, compiled, kind, code, fallback, needle=literal_needle(compiled),
+                needles=literal_needles(compiled))
 
 
 _ID = r"(?P<instance_id>[0-9A-Za-z]{10,20})"
@@ -226,7 +292,7 @@ def compile_rules(extra: Iterable[tuple[str, str, str, int | None]]) -> tuple[Ru
         if event == IGNORE:
             compiled = re.compile(pattern)
             own.append(Rule(name, compiled, None, code, ignore=True,
-                            needle=literal_needle(compiled)))
+                            needle=literal_needle(compiled), needles=literal_needles(compiled)))
         else:
             own.append(rule(name, pattern, EventKind(event), code))
     names = {r.name for r in own}

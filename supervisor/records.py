@@ -17,10 +17,12 @@ Three small pure pieces, used by every log source, ``parse-line`` and ``monitor`
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,10 @@ _ERROR_START = re.compile(
     r"(?:[A-Z]\w*)?Error(?: \[\w+\])?: ")
 _FRAME = re.compile(r"^\s+at ")
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+
+# Lines that can matter whatever the rules: a block starts only on a line holding a bracket or
+# an ``…Error: `` (and a JSON line, the only kind parse decodes, holds ``{``).
+STRUCTURAL_NEEDLES = ("{", "[", "Error")
 
 
 # --------------------------------------------------------------------------- bytes → lines
@@ -88,6 +94,34 @@ class LineSplitter:
             pos = nl + 1
         return lines, starts
 
+    def feed_block(self, data: bytes) -> tuple[LineBlock, Sequence[int]]:
+        """:meth:`feed` for large reads: the lines completed by ``data`` as one
+        :class:`LineBlock` (decoded at once), and their start offsets, found in ``data`` only
+        when one is asked for. The same lines, offsets and state as :meth:`feed`."""
+        last = data.rfind(b"\n")
+        if len(data) > self.max_line_bytes or last < 0:
+            # A line could be cut (or none ends here): line by line.
+            lines, starts = self.feed(data)
+            return LineBlock.of(lines), starts
+        head: list[str] = []
+        head_starts: list[int] = []
+        begin = 0
+        if self._buf or self._skipped:  # the first line began in an earlier read
+            begin = data.find(b"\n") + 1
+            head, head_starts = self.feed(data[:begin])
+        base = self.offset
+        text = str(memoryview(data)[begin:last + 1], "utf-8", "replace")
+        if "\r" in text:
+            text = text.replace("\r\n", "\n")  # the one \r a line ends with, as feed drops it
+        count = data.count(b"\n", begin, last + 1)
+        self.offset = base + last + 1 - begin
+        if last + 1 < len(data):
+            self._take(data, last + 1, len(data))
+        if head:
+            text = "".join(line + "\n" for line in head) + text
+        return (LineBlock(text, len(head) + count),
+                _BlockStarts(head_starts, base, data, begin, last + 1, count))
+
     def end(self) -> tuple[list[str], list[int]]:
         """The unterminated rest as a last line: for a stream that has ended (a closed pipe)."""
         if not self.pending_bytes:
@@ -116,6 +150,151 @@ class LineSplitter:
         if raw.endswith(b"\r"):
             raw = raw[:-1]
         return raw.decode("utf-8", "replace")
+
+
+class LineBlock(Sequence[str]):
+    """Complete lines kept as one text, every line followed by ``\\n``.
+
+    :meth:`LineSplitter.feed_block` returns it so that the intake can scan a whole read at
+    once (:meth:`Assembler.scan`); the list of lines is only built if it is indexed or
+    iterated.
+    """
+
+    __slots__ = ("_count", "_lines", "text")
+
+    def __init__(self, text: str, count: int) -> None:
+        self.text = text
+        self._count = count
+        self._lines: list[str] | None = None
+
+    @classmethod
+    def of(cls, lines: list[str]) -> LineBlock:
+        """A block of ``lines`` (none may hold ``\\n``)."""
+        block = cls("".join(line + "\n" for line in lines), len(lines))
+        block._lines = lines
+        return block
+
+    def lines(self) -> list[str]:
+        """The lines as a list (built once)."""
+        if self._lines is None:
+            self._lines = self.text.split("\n")[:-1] if self._count else []
+        return self._lines
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        return self.lines()[i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.lines())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LineBlock):
+            return self.text == other.text
+        if isinstance(other, (list, tuple)):
+            return self.lines() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"LineBlock({self.lines()!r})"
+
+
+class _BlockStarts(Sequence[int]):
+    """Start offsets of a :class:`LineBlock`'s lines, counted in the read only when asked
+    (the intake needs one per batch at most: where a held record starts)."""
+
+    def __init__(self, head: list[int], base: int, data: bytes, begin: int, end: int,
+                 count: int) -> None:
+        self._head, self._base, self._data = head, base, data
+        self._begin, self._end, self._count = begin, end, count
+
+    def __len__(self) -> int:
+        return len(self._head) + self._count
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[int]: ...
+
+    def __getitem__(self, i: int | slice) -> int | list[int]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if i < len(self._head):
+            return self._head[i]
+        k = i - len(self._head)  # the k-th line of data[begin:end]
+        if k == 0:
+            return self._base
+        data = self._data
+        if k <= self._count - k:
+            p = self._begin - 1
+            for _ in range(k):
+                p = data.find(b"\n", p + 1)
+        else:  # nearer the end (where a held record usually starts): count back
+            p = self._end - 1
+            for _ in range(self._count - k):
+                p = data.rfind(b"\n", self._begin, p)
+        return self._base + p + 1 - self._begin
+
+
+def merge_needles(needles: Iterable[str], min_len: int = 8) -> tuple[str, ...]:
+    """Fewer needles to search for, with the same lines found (and perhaps a few more): a
+    needle holding another is dropped, and needles sharing a substring of ``min_len``
+    characters or more are replaced by it (``Connection update: `` and ``Connection closed,
+    reason`` by ``Connection ``). Each needle costs one pass over the text."""
+    current = _minimal(needles)
+    while True:
+        best = ""
+        for i, a in enumerate(current):
+            for b in current[i + 1:]:
+                match = difflib.SequenceMatcher(None, a, b, autojunk=False).find_longest_match(
+                    0, len(a), 0, len(b))
+                common = a[match.a:match.a + match.size]
+                covers = sum(common in c for c in current)
+                if match.size >= min_len and (
+                        covers > sum(best in c for c in current) if best else True):
+                    best = common
+        if not best:
+            return tuple(current)
+        current = _minimal([best, *current])
+
+
+def _line_ends(text: str, needles: Iterable[str]) -> list[int]:
+    """Where (the ``\\n``) each line of ``text`` holding one of ``needles`` ends, in order:
+    one ``str.find`` pass per needle, at C speed."""
+    wanted = _minimal(needles)
+    if "" in wanted:
+        raise ValueError("an empty needle: every line matters")
+    ends: set[int] = set()
+    find = text.find
+    for needle in wanted:
+        p = find(needle)
+        while p >= 0:
+            e = find("\n", p)
+            ends.add(e)
+            p = find(needle, e + 1)
+    return sorted(ends)
+
+
+def _minimal(needles: Iterable[str]) -> list[str]:
+    """``needles`` without those holding another one (a line with it holds the other too)."""
+    unique = sorted(set(needles), key=len)
+    out: list[str] = []
+    for needle in unique:
+        if not any(other in needle for other in out):
+            out.append(needle)
+    return out
 
 
 def strip_prefix(line: str, prefix: re.Pattern[str] | None) -> str:
@@ -202,17 +381,122 @@ class Assembler:
         if self._lines and self._in_frames and self._depth == 0:
             yield from self.flush()
 
+    def scan(self, text: str, first_line_no: int, now: float, needles: Sequence[str],
+             prefix: re.Pattern[str] | None = None) -> tuple[list[Record], list[int], int]:
+        """:meth:`feed` of the lines of ``text`` (each followed by ``\\n``; ``prefix``
+        stripped from each), except that a one-line record holding none of ``needles`` is
+        only counted, never built: the lines that cannot matter are passed over in bulk.
+
+        Returns the records, the number of such passed-over records right before each, and
+        the number after the last. Exact when every record that matters to the caller holds
+        one of ``needles``: a line holding none of them nor of :data:`STRUCTURAL_NEEDLES`
+        leaves an idle assembler idle as a one-line record (no bracket: no depth; no
+        ``Error``: no error start), and a prefix only removes text, never adds a needle.
+        """
+        records: list[Record] = []
+        gaps: list[int] = []
+        gap = 0
+        n = first_line_no
+        pos = 0
+        end = len(text)
+        hit_list = _line_ends(text, (*needles, *STRUCTURAL_NEEDLES))
+        i = 0
+        while True:
+            if self._lines:  # a block is held: every line goes to it until it ends
+                pos, n, gap = self._scan_block(text, pos, n, now, prefix, records, gaps, gap)
+                if pos >= end:
+                    break
+                while i < len(hit_list) and hit_list[i] < pos:
+                    i += 1
+            if i >= len(hit_list):
+                break
+            le = hit_list[i]
+            i += 1
+            ls = text.rfind("\n", 0, le) + 1
+            if ls > pos:
+                k = text.count("\n", pos, ls)
+                gap += k
+                n += k
+            # _push of a line with no block held, inlined (most candidates).
+            line = text[ls:le]
+            if prefix is not None and (m := prefix.match(line)):
+                line = line[m.end():]
+            if line.startswith('{"'):
+                records.append(Record(line, n))
+                gaps.append(gap)
+                gap = 0
+            else:
+                depth = _depth_change(line)
+                if "Error" in line and _ERROR_START.match(line):
+                    self._start_block(line, n, depth, True, now)
+                elif depth > 0:
+                    self._start_block(line, n, depth, False, now)
+                else:
+                    records.append(Record(line, n))
+                    gaps.append(gap)
+                    gap = 0
+            n += 1
+            pos = le + 1
+        if pos < end:
+            gap += text.count("\n", pos)
+        return records, gaps, gap
+
+    def _scan_block(self, text: str, pos: int, n: int, now: float,
+                    prefix: re.Pattern[str] | None, records: list[Record], gaps: list[int],
+                    gap: int) -> tuple[int, int, int]:
+        """Feed the lines of ``text`` from ``pos`` while a block is held; the first record
+        completed gets ``gap``. Returns where it stopped, the next line number and the gap
+        still to give (``gap`` when no record was completed, else 0)."""
+        end = len(text)
+        find = text.find
+        held = self._lines
+        while held and pos < end:
+            le = find("\n", pos)
+            line = text[pos:le]
+            if prefix is not None and (m := prefix.match(line)):
+                line = line[m.end():]
+            if line.startswith('{"') or (self._in_frames and self._depth == 0
+                                         and not _FRAME.match(line)):
+                # The block ends before this line, which is then read anew (_push).
+                before = len(records)
+                self._push(line, n, now, records)
+                gaps.append(gap)
+                gaps.extend([0] * (len(records) - before - 1))
+                gap = 0
+                held = self._lines
+            else:  # _push of a line added to the held block, inlined
+                held.append(line)
+                self._last_at = now
+                if "{" in line or "[" in line or "}" in line or "]" in line:
+                    self._depth += _depth_change(line)
+                depth = self._depth
+                if depth < 0 or (depth == 0 and not (self._in_frames and _FRAME.match(line))) \
+                        or len(held) >= self.max_lines:
+                    records.extend(self.flush())
+                    gaps.append(gap)
+                    gap = 0
+                    held = self._lines
+            n += 1
+            pos = le + 1
+        return pos, n, gap
+
     def _start_block(self, line: str, number: int, depth: int, frames: bool, now: float) -> None:
         self._lines, self._start, self._depth, self._in_frames = [line], number, depth, frames
         self._last_at = now
 
     def _one(self, line: str, number: int, now: float) -> Iterator[Record]:
+        out: list[Record] = []
+        self._push(line, number, now, out)
+        yield from out
+
+    def _push(self, line: str, number: int, now: float, out: list[Record]) -> None:
+        """Add one line; append the records it completes to ``out``."""
         if self._lines:
             if line.startswith('{"'):
                 # util.inspect never starts a line with a JSON key: a pino line begins anew.
-                yield from self.flush()
+                out.extend(self.flush())
             elif self._in_frames and self._depth == 0 and not _FRAME.match(line):
-                yield from self.flush()  # an error with frames only: it ended before this line
+                out.extend(self.flush())  # an error with frames only: it ended before this line
             else:
                 self._lines.append(line)
                 self._last_at = now
@@ -220,16 +504,16 @@ class Assembler:
                 in_frame = self._in_frames and _FRAME.match(line) is not None
                 closed = self._depth < 0 or (self._depth == 0 and not in_frame)
                 if closed or len(self._lines) >= self.max_lines:
-                    yield from self.flush()
+                    out.extend(self.flush())
                 return
         if line.startswith('{"'):
-            yield Record(line, number)  # a JSON line (pino) is always complete
+            out.append(Record(line, number))  # a JSON line (pino) is always complete
             return
         depth = _depth_change(line)
-        if _ERROR_START.match(line):
+        if "Error" in line and _ERROR_START.match(line):  # the pattern holds "Error"
             self._start_block(line, number, depth, True, now)
             return
         if depth > 0:
             self._start_block(line, number, depth, False, now)
             return
-        yield Record(line, number)
+        out.append(Record(line, number))

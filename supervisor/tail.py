@@ -172,7 +172,7 @@ class _Open:
 class _Marks(Sequence[TailPosition]):
     """Marks of a batch, built on demand from line start offsets (one per line, then the end)."""
 
-    def __init__(self, f: _Open, starts: list[int], end: int) -> None:
+    def __init__(self, f: _Open, starts: Sequence[int], end: int) -> None:
         self._f, self._starts, self._end = f, starts, end
         self._head = f.head
 
@@ -547,7 +547,7 @@ class FileTail:
                 break
             grew = True
             self._refresh_head(f, f.read_pos + len(chunk))
-            lines, starts = f.splitter.feed(chunk)
+            lines, starts = f.splitter.feed_block(chunk)
             at_end = len(chunk) < READ_CHUNK
             if lines:
                 await self._emit(stream, lines, at_end, _Marks(f, starts, f.splitter.offset))
@@ -569,7 +569,7 @@ class FileTail:
         self._drop_partial(f)
         f.fh.close()
 
-    async def _emit(self, stream: str, lines: list[str], idle: bool,
+    async def _emit(self, stream: str, lines: Sequence[str], idle: bool,
                     marks: Sequence[TailPosition]) -> None:
         assert self._sink is not None
         first = self._line_no + 1

@@ -10,6 +10,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import yaml
 from conftest import (
@@ -27,7 +29,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.events import ATTRIBUTION_ID, Event, EventKind
 from supervisor.health import Health
-from supervisor.metrics import DrainTimer, InstanceSample, Metrics, metric_names, parse_error_kind
+from supervisor.metrics import (
+    PARSE_ERROR_NEEDLES,
+    DrainTimer,
+    InstanceSample,
+    Metrics,
+    metric_names,
+    parse_error_kind,
+)
 from supervisor.outcome import Outcome, OutcomeKind
 
 ALERTS = REPO / "config" / "prometheus-alerts.yml"
@@ -306,3 +315,12 @@ def test_promtool_unit_tests_fire_the_alerts(tmp_path: Path) -> None:
                          text=True, timeout=60, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SUCCESS" in res.stdout
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.text(alphabet=st.sampled_from('{}"[]:, \ufffdab1\n\t'), max_size=40))
+def test_every_counted_parse_error_holds_a_needle(record: str) -> None:
+    """The intake's fast path shows the metrics only records holding a PARSE_ERROR_NEEDLES
+    string: every record parse_error_kind counts must hold one."""
+    if parse_error_kind(record) is not None:
+        assert any(n in record for n in PARSE_ERROR_NEEDLES)

@@ -16,14 +16,22 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .. import events
 from ..attribution import Attributor
 from ..clock import Clock
 from ..config import LogSourceConfig
 from ..journal import TailPosition
-from ..records import Assembler, LineSplitter, Record, strip_prefix
+from ..records import (
+    STRUCTURAL_NEEDLES,
+    Assembler,
+    LineBlock,
+    LineSplitter,
+    Record,
+    merge_needles,
+    strip_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +113,12 @@ class IntakeStats:
     by_kind: dict[str, int] = field(default_factory=dict)
 
 
+PARSED_MAX = 2048  # record texts whose event the intake keeps (emptied when full)
+PARSED_MAX_CHARS = 2048  # longer records are parsed every time
+_UNSEEN: Any = object()
+STRUCTURAL_NEEDLES_SET = frozenset(STRUCTURAL_NEEDLES)
+
+
 class Intake:
     """The sink of every source: lines → records → events → sessions, committed with marks."""
 
@@ -112,7 +126,9 @@ class Intake:
                  rules: Callable[[], Sequence[events.Rule]], context: Context, apply: Apply,
                  commit: Commit | None, clock: Clock,
                  on_record: Callable[[Record], None] | None = None,
-                 on_unattributed: Apply | None = None) -> None:
+                 on_unattributed: Apply | None = None,
+                 on_record_needles: Sequence[str] | None = None,
+                 fast_path: bool = True) -> None:
         self.cfg = cfg
         self.rules = rules
         self.attributor = attributor
@@ -123,6 +139,18 @@ class Intake:
         self._clock = clock
         self._on_record = on_record
         self._on_unattributed = on_unattributed
+        # With these, ``on_record`` only needs the records holding one of them (the others
+        # may be passed over by the fast path); without them it gets every record.
+        self._on_record_needles = tuple(on_record_needles) if on_record_needles else None
+        # Batches of a LineBlock are scanned in bulk (Assembler.scan): the lines that cannot
+        # give an event are counted, never parsed. Off: every line goes the slow way.
+        self.fast_path = fast_path
+        self._needle_rules: Sequence[events.Rule] | None = None
+        self._needles: tuple[str, ...] | None = None
+        # events.parse is pure for given rules: the event of a record text seen lately is
+        # reused (console lines and dumps recur verbatim); emptied when the rules change.
+        self._parsed: dict[str, events.Event | None] = {}
+        self._parsed_rules: Sequence[events.Rule] | None = None
         self._streams: dict[str, _Stream] = {}
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
@@ -149,16 +177,54 @@ class Intake:
         async with self._lock:
             st = self._stream(batch.stream)
             now = self._clock.monotonic()
-            lines = [strip_prefix(line, self._prefix) for line in batch.lines]
-            self.stats.lines += len(lines)
-            records = list(st.assembler.feed(lines, batch.first_line_no, now))
-            if batch.eof:
-                records += st.assembler.flush()
-            elif batch.idle:
-                records += st.assembler.idle()
+            needles = self._fast_needles() if isinstance(batch.lines, LineBlock) else None
+            gaps: list[int] | None = None
+            tail = 0
+            if needles is not None:
+                assert isinstance(batch.lines, LineBlock)
+                records, gaps, tail = st.assembler.scan(
+                    batch.lines.text, batch.first_line_no, now, needles, self._prefix)
+            else:
+                lines = [strip_prefix(line, self._prefix) for line in batch.lines]
+                records = list(st.assembler.feed(lines, batch.first_line_no, now))
+            self.stats.lines += len(batch.lines)
+            ended = (list(st.assembler.flush()) if batch.eof
+                     else list(st.assembler.idle()) if batch.idle else [])
+            if ended:
+                if gaps is not None:  # the passed-over lines came before the ended record
+                    gaps += [tail] + [0] * (len(ended) - 1)
+                    tail = 0
+                records += ended
             mark = self._mark(st, batch)
             self._changed.set()
-            return await self._handle(batch.stream, records, mark, now)
+            return await self._handle(batch.stream, records, mark, now, gaps, tail)
+
+    def _fast_needles(self) -> tuple[str, ...] | None:
+        """What a record must hold to matter here, or None when that is not known (the fast
+        path off, an ``on_record`` that wants every record, a rule without a needle)."""
+        if not self.fast_path or (self._on_record is not None
+                                  and self._on_record_needles is None):
+            return None
+        rules = self.rules()
+        if rules is self._needle_rules:
+            return self._needles
+        needles: list[str] | None = list(self._on_record_needles or ())
+        for r in rules:
+            if r.ignore:
+                continue  # it can only silence a record: one without needles gives nothing
+            if not STRUCTURAL_NEEDLES_SET.isdisjoint(events.required_chars(r.pattern)):
+                continue  # a match holds ``{`` or ``[``: the scan looks at such lines anyway
+            own = r.needles or ((r.needle,) if r.needle else None)
+            if own is None or needles is None:
+                needles = None
+                break
+            needles.extend(own)
+        if needles is not None and "" in needles:
+            needles = None  # every record wanted
+        self._needle_rules = rules
+        self._needles = (merge_needles((*needles, *STRUCTURAL_NEEDLES)) if needles is not None
+                         else None)
+        return self._needles
 
     @staticmethod
     def _mark(st: _Stream, batch: Batch) -> Mark | None:
@@ -175,20 +241,53 @@ class Intake:
         st.end_mark = end
         return mark
 
+    def _parse(self, text: str, rules: Sequence[events.Rule]) -> events.Event | None:
+        ev = events.parse(text, rules)
+        if len(text) <= PARSED_MAX_CHARS:
+            if len(self._parsed) >= PARSED_MAX:
+                self._parsed.clear()
+            self._parsed[text] = ev
+        return ev
+
+    def _pass_over(self, st: _Stream, stream: str, count: int) -> None:
+        """``count`` records that give no event: counted only (what the attributor does with
+        such a record is counting it too)."""
+        st.records += count
+        self.stats.records += count
+        self.attributor.skip(stream, count)
+
     async def _handle(self, stream: str, records: list[Record], mark: Mark | None,
-                      now: float) -> Mark | None:
+                      now: float, gaps: Sequence[int] | None = None,
+                      tail: int = 0) -> Mark | None:
         changed: set[str] = set()
         found: list[Found] = []
         st = self._stream(stream)
-        for rec in records:
+        rules = self.rules()
+        if rules is not self._parsed_rules:
+            self._parsed.clear()
+            self._parsed_rules = rules
+        parsed = self._parsed
+        on_record = self._on_record
+        quiet = 0  # records without an event not counted yet (in order, before the next event)
+        for i, rec in enumerate(records):
+            if gaps is not None:
+                quiet += gaps[i]
+            if on_record is not None:
+                on_record(rec)
+            ev = parsed.get(rec.text, _UNSEEN)
+            if ev is _UNSEEN:
+                ev = self._parse(rec.text, rules)
+            if ev is None:
+                quiet += 1
+                continue
+            if quiet:
+                self._pass_over(st, stream, quiet)
+                quiet = 0
             st.records += 1
             self.stats.records += 1
-            if self._on_record is not None:
-                self._on_record(rec)
-            ev = events.parse(rec.text, self.rules())
             known, traffic, jids = self._context()
             attributed = self.attributor.observe(stream, ev, now, known, traffic, jids)
-            if ev is not None and not attributed:
+            if not attributed:
                 log.debug("%s line %d: %s names no instance and none could be inferred",
                           stream, rec.line, ev.kind.value)
                 if self._on_unattributed is not None:
@@ -199,6 +298,9 @@ class Intake:
                 changed.update(self._apply(f))
                 self.stats.events += 1
                 self.stats.by_kind[e.kind.value] = self.stats.by_kind.get(e.kind.value, 0) + 1
+        quiet += tail
+        if quiet:
+            self._pass_over(st, stream, quiet)
         if self._commit is None or (mark is None and not found and not self._unstored_found):
             return None
         # Session changes of a batch whose commit failed ride along with this one: the
