@@ -41,18 +41,11 @@ RECENT_EVENTS_LIMIT = 200
 def lane_depths(lane: Lane | None) -> dict[str, int]:
     """A lane's messages by state: ``queued`` (first attempt pending), ``retrying``,
     ``unknown`` (outcome of an attempt unknown) and ``sending`` (in flight)."""
-    out = {"queued": 0, "retrying": 0, "unknown": 0, "sending": 0}
     if lane is None:
-        return out
-    for it in lane.items:
-        if it.state is MessageState.UNKNOWN:
-            out["unknown"] += 1
-        elif it.attempts > 0:
-            out["retrying"] += 1
-        else:
-            out["queued"] += 1
-    out["sending"] = 1 if lane.in_flight else 0
-    return out
+        return {"queued": 0, "retrying": 0, "unknown": 0, "sending": 0}
+    queued, retrying, unknown = lane.items.counts()
+    return {"queued": queued, "retrying": retrying, "unknown": unknown,
+            "sending": 1 if lane.in_flight else 0}
 
 
 def message_view(row: MessageRow) -> dict[str, Any]:

@@ -296,10 +296,8 @@ class Proxy:
         lane = self.replayer.lanes.get(instance_id)
         if lane is None:
             return 0
-        for n, item in enumerate(lane.items, start=1):
-            if item.id == message_id:
-                return n + (1 if lane.in_flight else 0)
-        return 0
+        n = lane.items.position(message_id)
+        return 0 if n < 0 else n + 1 + (1 if lane.in_flight else 0)
 
     @staticmethod
     def _queued(instance_id: str, message_id: str, position: int) -> web.Response:

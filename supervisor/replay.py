@@ -14,12 +14,23 @@ import bisect
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from array import array
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import overload
 
 from .clock import Clock
 from .config import QueueConfig
-from .journal import ActiveRow, Journal, JournalError, MessageRow, MessageState, Progress
+from .journal import (
+    STATE_ORDER,
+    ActiveColumns,
+    ActiveRow,
+    Journal,
+    JournalError,
+    MessageRow,
+    MessageState,
+    Progress,
+)
 from .outcome import Outcome, OutcomeKind
 from .sessions import GateAction, Sessions
 from .upstream import SendResult
@@ -54,12 +65,221 @@ class Item:
         return self.seq < other.seq
 
 
+_CODE: dict[MessageState, int] = {s: i for i, s in enumerate(STATE_ORDER)}
+_COMPACT_AT = 256  # popped head slots kept before the columns are shifted down
+
+
+class ItemQueue:
+    """A lane's waiting messages, always sorted by seq, held column-wise.
+
+    A restart may load hundreds of thousands of messages: one :class:`Item` each would cost
+    ~100 bytes plus the allocator's high-water mark. The columns (seq, monotonic not-before,
+    counters, state code, id) cost ~30 bytes plus the id string. :class:`Item` objects are
+    made when one is read (``q[0]``, iteration, :meth:`popleft`) and are copies: a change
+    to one is kept by putting it back (:meth:`add`). The list-like part (``len``, iteration,
+    indexing, ``in``, ``index``, ``append``, ``insert``, ``remove``, ``pop``, ``sort``) keeps
+    the callers that treated ``Lane.items`` as a sorted list working; ``append`` and
+    ``insert`` place by seq, so ``sort`` has nothing to do.
+    """
+
+    __slots__ = ("_att", "_fail", "_h", "_ids", "_next", "_seq", "_state", "_unk")
+
+    def __init__(self, items: Iterable[Item] = ()) -> None:
+        self._reset()
+        for item in items:
+            self.add(item)
+
+    def _reset(self) -> None:
+        self._seq: array[int] = array("q")
+        self._ids: list[str] = []
+        self._next: array[float] = array("d")
+        self._att: array[int] = array("i")
+        self._fail: array[int] = array("i")
+        self._unk: array[int] = array("i")
+        self._state = bytearray()
+        self._h = 0  # index of the head: slots before it were popped
+
+    @classmethod
+    def from_columns(cls, cols: ActiveColumns, next_at: array[float]) -> ItemQueue:
+        """A queue over journal columns (taken over, not copied) with their monotonic
+        not-before times."""
+        q = cls.__new__(cls)
+        q._h = 0
+        q._seq, q._ids, q._next = cols.seq, cols.ids, next_at
+        q._att, q._fail, q._unk = cols.attempts, cols.failures, cols.unknown_count
+        q._state = cols.states
+        return q
+
+    # ------------------------------------------------------------------ reading
+
+    def __len__(self) -> int:
+        return len(self._seq) - self._h
+
+    def __bool__(self) -> bool:
+        return len(self._seq) > self._h
+
+    def _item(self, j: int) -> Item:
+        return Item(self._seq[j], self._ids[j], self._next[j], self._att[j], self._fail[j],
+                    self._unk[j], STATE_ORDER[self._state[j]])
+
+    @overload
+    def __getitem__(self, i: int) -> Item: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Item]: ...
+
+    def __getitem__(self, i: int | slice) -> Item | list[Item]:
+        if isinstance(i, slice):
+            return [self._item(self._h + k) for k in range(*i.indices(len(self)))]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("ItemQueue index out of range")
+        return self._item(self._h + i)
+
+    def __iter__(self) -> Iterator[Item]:
+        h = self._h
+        if h == 0:
+            cols = (self._seq, self._ids, self._next, self._att, self._fail, self._unk)
+        else:
+            cols = (self._seq[h:], self._ids[h:], self._next[h:], self._att[h:],
+                    self._fail[h:], self._unk[h:])
+        return map(Item, *cols, map(STATE_ORDER.__getitem__, self._state[h:]))
+
+    def __repr__(self) -> str:
+        return f"ItemQueue({list(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ItemQueue | list):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def _find(self, item: Item) -> int:
+        """The absolute slot of ``item`` (same seq and id), or -1."""
+        j = bisect.bisect_left(self._seq, item.seq, self._h)
+        if j < len(self._seq) and self._seq[j] == item.seq and self._ids[j] == item.id:
+            return j
+        return -1
+
+    def __contains__(self, item: object) -> bool:
+        return isinstance(item, Item) and self._find(item) >= 0
+
+    def index(self, item: Item) -> int:
+        """0-based place of ``item`` (matched by seq and id)."""
+        j = self._find(item)
+        if j < 0:
+            raise ValueError(f"{item!r} is not in the queue")
+        return j - self._h
+
+    def position(self, message_id: str) -> int:
+        """0-based place of the message ``message_id``, or -1."""
+        try:
+            return self._ids.index(message_id, self._h) - self._h
+        except ValueError:
+            return -1
+
+    def head_next_at(self) -> float:
+        """The monotonic not-before time of the head (the queue must not be empty)."""
+        return self._next[self._h]
+
+    def counts(self) -> tuple[int, int, int]:
+        """``(queued, retrying, unknown)``: never attempted, attempted, outcome unknown."""
+        code, h, n = _CODE[MessageState.UNKNOWN], self._h, len(self._seq)
+        attempted = n - h - self._att[h:].count(0)  # unknown ones included
+        unknown = 0
+        j = self._state.find(code, h)
+        while j >= 0:  # few: an attempt's outcome is rarely unknown
+            unknown += 1
+            attempted -= self._att[j] > 0
+            j = self._state.find(code, j + 1)
+        return n - h - attempted - unknown, attempted, unknown
+
+    # ------------------------------------------------------------------ changing
+
+    def add(self, item: Item) -> int:
+        """Put ``item`` in its seq place (after equal seqs); returns its 0-based place."""
+        h = self._h
+        j = bisect.bisect_right(self._seq, item.seq, h)
+        code = _CODE[item.state]
+        if j == h and h > 0:  # back at the head (a requeued attempt): reuse a popped slot
+            j = self._h = h - 1
+            self._seq[j], self._ids[j], self._next[j] = item.seq, item.id, item.next_at
+            self._att[j], self._fail[j], self._unk[j] = item.attempts, item.failures, \
+                item.unknown_count
+            self._state[j] = code
+            return 0
+        self._seq.insert(j, item.seq)
+        self._ids.insert(j, item.id)
+        self._next.insert(j, item.next_at)
+        self._att.insert(j, item.attempts)
+        self._fail.insert(j, item.failures)
+        self._unk.insert(j, item.unknown_count)
+        self._state.insert(j, code)
+        return j - h
+
+    def append(self, item: Item) -> None:
+        """Same as :meth:`add` (the queue stays sorted by seq)."""
+        self.add(item)
+
+    def insert(self, index: int, item: Item) -> None:
+        """Same as :meth:`add`: the place follows from the seq (``bisect.insort`` calls
+        this)."""
+        self.add(item)
+
+    def sort(self) -> None:
+        """Nothing to do: the queue is always sorted."""
+
+    def popleft(self) -> Item:
+        """Take the head out."""
+        if not self:
+            raise IndexError("pop from an empty ItemQueue")
+        item = self._item(self._h)
+        self._h += 1
+        if self._h == len(self._seq):
+            self._reset()
+        elif self._h >= _COMPACT_AT and 2 * self._h >= len(self._seq):
+            self._delete(slice(0, self._h))
+            self._h = 0
+        return item
+
+    def pop(self, i: int = -1) -> Item:
+        """Take the ``i``-th item out."""
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("pop index out of range")
+        if i == 0:
+            return self.popleft()
+        j = self._h + i
+        item = self._item(j)
+        self._delete(slice(j, j + 1))
+        return item
+
+    def remove(self, item: Item) -> None:
+        """Take ``item`` (matched by seq and id) out."""
+        self.pop(self.index(item))
+
+    def take(self, message_id: str) -> Item | None:
+        """Take the message ``message_id`` out; None if it is not here."""
+        i = self.position(message_id)
+        return None if i < 0 else self.pop(i)
+
+    def _delete(self, where: slice) -> None:
+        for col in (self._seq, self._ids, self._next, self._att, self._fail, self._unk,
+                    self._state):
+            del col[where]
+
+
 @dataclass(slots=True)
 class Lane:
     """One instance's queue."""
 
     instance_id: str
-    items: list[Item] = field(default_factory=list)  # sorted by seq
+    items: ItemQueue = field(default_factory=ItemQueue)  # sorted by seq
     in_flight: str | None = None
     pending: int = 0  # sends being journaled that will join this lane
     last_send_at: float = -math.inf  # monotonic time of the last send (pacing)
@@ -138,18 +358,39 @@ class Replayer:
     # ------------------------------------------------------------------ startup
 
     def load(self, rows: Iterable[ActiveRow | MessageRow]) -> int:
-        """Put journaled active messages back into their lanes (after a restart)."""
+        """Put journaled active messages back into their lanes (admin requeues)."""
         now_mono, now_wall = self.clock.monotonic(), self.clock.time()
         n = 0
         for row in rows:
             lane = self.lane(row.instance_id)
-            lane.items.append(Item(
+            lane.items.add(Item(
                 row.seq, row.id, now_mono + max(0.0, row.next_attempt_at - now_wall),
                 row.attempts, row.failures, row.unknown_count, row.state))
-            n += 1
-        for lane in self.lanes.values():
-            lane.items.sort()
             lane.wake.set()
+            n += 1
+        return n
+
+    def load_columns(self, queue: dict[str, ActiveColumns], queried_at: float) -> int:
+        """Put :meth:`Journal.active_queue` columns (read at wall time ``queried_at``) into
+        their lanes, taken over as they are when a lane is empty."""
+        now_mono = self.clock.monotonic()
+        elapsed = max(0.0, self.clock.time() - queried_at)
+        n = 0
+        for instance_id, cols in queue.items():
+            count = len(cols.seq)
+            if any(cols.delay_s):  # some wait for their backoff
+                next_at = array("d", [now_mono + (d - elapsed if d > elapsed else 0.0)
+                                      for d in cols.delay_s])
+            else:
+                next_at = array("d", [now_mono]) * count
+            lane = self.lane(instance_id)
+            if lane.items:
+                for item in ItemQueue.from_columns(cols, next_at):
+                    lane.items.add(item)
+            else:
+                lane.items = ItemQueue.from_columns(cols, next_at)
+            lane.wake.set()
+            n += count
         return n
 
     # ------------------------------------------------------------------ admission
@@ -189,9 +430,7 @@ class Replayer:
     def enqueue(self, lane: Lane, seq: int, message_id: str) -> int:
         """A committed queued message joins its lane; returns its 1-based position."""
         lane.pending -= 1
-        item = Item(seq, message_id, self.clock.monotonic())
-        at = bisect.bisect_right(lane.items, item)  # seq order; no O(n) search afterwards
-        lane.items.insert(at, item)
+        at = lane.items.add(Item(seq, message_id, self.clock.monotonic()))
         lane.wake.set()
         return at + 1 + (1 if lane.in_flight else 0)
 
@@ -221,11 +460,7 @@ class Replayer:
         lane = self.lanes.get(instance_id)
         if lane is None:
             return None
-        for item in lane.items:
-            if item.id == message_id:
-                lane.items.remove(item)
-                return item
-        return None
+        return lane.items.take(message_id)
 
     def wake(self, instance_ids: Iterable[str]) -> None:
         """Something about these instances changed: let their workers look again."""
@@ -241,7 +476,7 @@ class Replayer:
             lane.wake.clear()
             action, timeout = self._next_step(lane)
             if action is not None:
-                item = lane.items.pop(0)
+                item = lane.items.popleft()
                 lane.in_flight = item.id
                 lane.last_send_at = self.clock.monotonic()
                 await self._replay_one(lane, item, action is GateAction.PROBE)
@@ -258,7 +493,8 @@ class Replayer:
         gate = self.sessions.gate(lane.instance_id, now)
         if gate.action is GateAction.HOLD:
             return None, None if gate.until is None else max(0.001, gate.until - now)
-        ready_at = max(lane.items[0].next_at, lane.last_send_at + self.cfg.process_interval_s)
+        ready_at = max(lane.items.head_next_at(),
+                       lane.last_send_at + self.cfg.process_interval_s)
         if ready_at > now:
             return None, ready_at - now
         return gate.action, None
@@ -281,7 +517,7 @@ class Replayer:
         except JournalError as exc:
             log.error("journal unavailable, replay of %s postponed: %s", item.id, exc.cause)
             item.next_at = self.clock.monotonic() + next_delay_s(1, self.cfg, self.rng.random())
-            bisect.insort(lane.items, item)
+            lane.items.add(item)
             lane.in_flight = None
             self._settle_idle()
             return
@@ -319,7 +555,7 @@ class Replayer:
             item.attempts, item.failures = progress.attempts, progress.failures
             item.unknown_count, item.state = progress.unknown_count, progress.state
             item.next_at = next_at
-            bisect.insort(lane.items, item)
+            lane.items.add(item)
             requeued = item
         lane.in_flight = None
         lane.wake.set()
