@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from prometheus_client.core import Metric
@@ -34,8 +34,7 @@ from .journal import (
     Progress,
     TailPosition,
 )
-from .metrics import Metrics
-from .procwatch import ProcessWatcher, ProcInfo
+from .metrics import PARSE_ERROR_NEEDLES, Metrics
 from .proxy import Proxy
 from .recovery import Recovery
 from .relay import LocalRoutes, Relay, RelaySite
@@ -50,6 +49,9 @@ from .sources.stdin import StdinSource
 from .stats import Stats, overall
 from .systemd import Notifier, NullNotifier, status_line
 from .upstream import SendResult, Upstream
+
+if TYPE_CHECKING:  # imported when process.enabled (psutil is not needed otherwise)
+    from .procwatch import ProcessWatcher, ProcInfo
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,8 @@ class Supervisor:
         self.replayer: Replayer | None = None
         self.proxy: Proxy | None = None
         self.port: int = cfg.listen.port
+        self._context_size = (-1, -1)
+        self._context_ids: tuple[list[str], list[str]] = ([], [])
         self.crashed: str | None = None  # what failed, when a component loop died
         self._quiesced = False  # quiesce() ran (it runs once)
 
@@ -255,8 +259,9 @@ class Supervisor:
         try:
             unknown = await self.journal.recover_in_flight(self.clock.time(),
                                                            self.cfg.queue.on_unknown)
-            rows = await self.journal.active_progress()
             paused = await self.journal.paused_instances()
+            queried_at = self.clock.time()
+            queue = await self.journal.active_queue(queried_at)
         except JournalError as exc:
             self.proxy.unavailable = self.api.failing["journal"] = exc.cause
             return False
@@ -266,8 +271,9 @@ class Supervisor:
                         "dead" if self.cfg.queue.on_unknown == "fail" else "unknown",
                         self.cfg.queue.on_unknown)
         self.replayer.paused |= paused
-        if self.replayer.load(rows):
-            log.info("restored %d queued sends from the journal", len(rows))
+        restored = self.replayer.load_columns(queue, queried_at)
+        if restored:
+            log.info("restored %d queued sends from the journal", restored)
         self.proxy.unavailable = None
         self.api.failing.pop("journal", None)
         return True
@@ -341,6 +347,8 @@ class Supervisor:
         cfg = self.cfg
         assert self.upstream is not None
         if cfg.process.enabled:
+            from .procwatch import ProcessWatcher
+
             self.procwatch = ProcessWatcher(cfg.process, cfg.upstream.url, self.clock,
                                             self._on_upstream_restart)
         restart = self._restart_child if cfg.log_source.type == "command" else None
@@ -593,7 +601,8 @@ class Supervisor:
     def _make_intake(self) -> Intake:
         return Intake(self.cfg.log_source, self.attributor, lambda: self.rules, self._context,
                       self._apply_found, self._commit_log, self.clock,
-                      on_record=lambda rec: self.metrics.on_record(rec.text))
+                      on_record=lambda rec: self.metrics.on_record(rec.text),
+                      on_record_needles=PARSE_ERROR_NEEDLES)
 
     def _make_source(self) -> Source:
         src = self.cfg.log_source
@@ -648,7 +657,13 @@ class Supervisor:
         self.attributor.adjacent_records = parser.adjacent_records
         self.attributor.adjacent_window_s = parser.adjacent_window_s
         lanes = self.replayer.lanes
-        return sorted(set(self.sessions.known()) | set(lanes)), sorted(lanes), self.auth.jids
+        # Sessions and lanes are only ever added: their sizes say whether the sorted lists
+        # built last time still hold (asked once per event; 500 instances cost a sort each).
+        size = (self.sessions.count(), len(lanes))
+        if size != self._context_size:
+            self._context_size = size
+            self._context_ids = (sorted(set(self.sessions.known()) | set(lanes)), sorted(lanes))
+        return self._context_ids[0], self._context_ids[1], self.auth.jids
 
     def apply_event(self, ev: events.Event, line: int = 0) -> None:
         """Attribute an event that did not come from the log source (a process restart seen

@@ -118,6 +118,10 @@ class Sessions:
         """Every instance seen so far."""
         return list(self._by_id)
 
+    def count(self) -> int:
+        """How many instances were seen so far (never forgotten: this only grows)."""
+        return len(self._by_id)
+
     def snapshot(self, instance_ids: Iterable[str], now: float, wall_now: float
                  ) -> list[SessionRecord]:
         """The stored form of these instances' state (monotonic times become epoch seconds)."""
