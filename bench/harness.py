@@ -164,8 +164,9 @@ http {{
         return port
 
     def daemon(self, name: str, overrides: dict[str, Any], cpu: int | None = None,
-               wait: bool = True) -> Daemon:
-        """The daemon with the benchmark defaults plus ``overrides`` (top-level sections)."""
+               wait: bool = True, max_batch: int | None = None) -> Daemon:
+        """The daemon with the benchmark defaults plus ``overrides`` (top-level sections);
+        ``max_batch`` bounds the operations per journal transaction (1: no group commit)."""
         port = free_port()
         cfg: dict[str, Any] = {
             "listen": {"host": "127.0.0.1", "port": port},
@@ -182,8 +183,16 @@ http {{
         path = self.work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         started = time.perf_counter()
-        proc = self._spawn(pinned([sys.executable, "-m", "supervisor", "run", "-c", str(path)],
-                                  cpu), name, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # Started as an installed daemon is: with bytecode (pip compiles it at install time),
+        # kept in the work directory and written by the first start of the run.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["PYTHONPYCACHEPREFIX"] = str(self.work / "pycache")
+        argv = [sys.executable, "-m", "supervisor", "run", "-c", str(path)]
+        if max_batch is not None:
+            argv[1:3] = ["-c", f"import sys, supervisor.journal as j, supervisor.cli as c; "
+                               f"j.MAX_BATCH = {int(max_batch)}; sys.exit(c.main(sys.argv[1:]))"]
+        proc = self._spawn(pinned(argv, cpu), name, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, env=env)
         daemon = Daemon(proc, port, started)
         if wait:
             daemon.wait_ready()
