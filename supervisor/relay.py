@@ -727,10 +727,10 @@ class ClientConn(asyncio.Protocol):
         """Start the next request in ``data`` (the buffered bytes), or hand over."""
         end = data.find(b"\r\n\r\n")
         if end < 0:
+            if data is not self.buf:
+                self.buf += data
             if len(data) > MAX_HEAD:
                 self.handover()
-            elif data is not self.buf:
-                self.buf += data
             return
         relay = self.relay
         req = parse_request(bytes(data[:end]), relay.host_line, relay.prefix, relay.local) \
@@ -748,7 +748,7 @@ class ClientConn(asyncio.Protocol):
         self.seq += 1
         self.attempts = 1
         self.answer_started = False
-        self.close_after = req.close or self.eof or relay.closing
+        self.close_after = req.close or relay.closing  # (a half-close: see _finish)
         self._set_deadline(self.loop.time() + relay.pass_through_timeout_s)
         if req.chunked:
             self.decoder = ChunkedDecoder()
@@ -820,7 +820,7 @@ class ClientConn(asyncio.Protocol):
     def start_answer(self) -> bool:
         """The answer's head goes out now; True: the connection closes after the answer."""
         self.answer_started = True
-        if not self.body_done or self.eof or self.relay.closing:
+        if not self.body_done or (self.eof and not self.buf) or self.relay.closing:
             self.close_after = True
         return self.close_after
 
@@ -839,7 +839,8 @@ class ClientConn(asyncio.Protocol):
 
     def _finish(self) -> None:
         """The request is answered (and its body read): next one, or close."""
-        if self.close_after or not self.body_done or self.eof:
+        # After a half-close, the complete requests already received are still answered.
+        if self.close_after or not self.body_done or (self.eof and not self.buf):
             self.phase = P_DONE
             self.transport.close()
             return
@@ -851,6 +852,9 @@ class ClientConn(asyncio.Protocol):
             self.resume(PAUSE_BUFFER)
         if self.buf:
             self._next(self.buf)
+        if self.eof and self.phase == P_IDLE:  # only a partial head left: nothing to answer
+            self.phase = P_DONE
+            self.transport.close()
 
     def _error(self, status: int, message: str) -> None:
         """Answer the request in flight with a JSON error (no upstream answer came)."""
@@ -858,7 +862,8 @@ class ClientConn(asyncio.Protocol):
         self.pending = None
         self.resume(PAUSE_UPSTREAM)
         self.answer_started = True
-        close = self.close_after or not self.body_done or self.eof or self.relay.closing
+        close = (self.close_after or not self.body_done or (self.eof and not self.buf)
+                 or self.relay.closing)
         self.close_after = close
         self.transport.write(error_answer(status, message, close))
         self._finish()

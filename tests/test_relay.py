@@ -381,3 +381,29 @@ def test_chunked_decoder_finds_the_end_in_any_split() -> None:
         assert dec.done and body[used:] == b"NEXT" and b"".join(out) == b"hello world"
     with pytest.raises(ValueError, match="chunk size"):
         relay.ChunkedDecoder().feed(b"zz\r\n", [].append)
+
+
+def test_long_head_split_across_reads_is_handed_over_whole(stack: Stack, conn: Conn) -> None:
+    """A head longer than relay.MAX_HEAD whose first read holds no end of head: every byte
+    of it reaches aiohttp (none is dropped on the hand-over)."""
+    fields = "".join(f"X-Big-{i}: {'v' * 1000}\r\n" for i in range(12))  # ~12 kB, 1 kB each
+    head = f"GET /echo?long HTTP/1.1\r\nHost: x\r\n{fields}".encode()
+    assert len(head) > relay.MAX_HEAD
+    conn.send(head)  # no CRLF CRLF yet: the relay sees more than MAX_HEAD bytes without one
+    time.sleep(0.3)
+    conn.send(b"\r\n")
+    resp = conn.read()
+    assert resp.status == 200 and resp.by_aiohttp, resp
+    assert resp.json()["url"] == "/echo?long"
+
+
+def test_pipelined_requests_before_a_half_close_are_all_answered(conn: Conn) -> None:
+    """A client that sends its requests and then shuts its sending side: every complete
+    request is answered (as aiohttp does), then the connection closes."""
+    conn.send(b"GET /slow?ms=100 HTTP/1.1\r\nHost: x\r\n\r\n"
+              b"GET /echo?n=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.sock.shutdown(socket.SHUT_WR)
+    first, second = conn.read(), conn.read()
+    assert first.json() == {"slow": True}
+    assert second.status == 200 and second.json()["url"] == "/echo?n=2"
+    assert conn.closed_by_peer()
