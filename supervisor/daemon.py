@@ -236,7 +236,11 @@ class Supervisor:
         # The public listener is the byte-level pass-through relay: plain pass-through
         # requests are spliced to api-blast, every other connection is handed to aiohttp.
         assert self.runner.server is not None
-        relay = Relay(cfg, self.runner.server, LocalRoutes(app, self.proxy.pass_through))
+        proxy = self.proxy
+        assert proxy is not None
+        local = LocalRoutes(app, proxy.pass_through,
+                            lambda path: proxy.loose_guarded(None, path) is not None)
+        relay = Relay(cfg, self.runner.server, local)
         site = RelaySite(self.runner, relay, cfg.listen.host, cfg.listen.port)
         try:
             await site.start()

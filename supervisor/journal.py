@@ -612,8 +612,13 @@ class Journal:
                                    isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             held = self._read_conn = (conn, self.opens)
+        conn = held[0]
         try:
-            return fn(held[0])
+            conn.execute("BEGIN")  # one snapshot for every statement of ``fn``
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
         except sqlite3.Error:
             self._close_reader()
             raise

@@ -85,6 +85,15 @@ class MessageIds:
         return uuid.UUID(bytes=raw, version=4).hex
 
 
+def loose_pattern(path: str) -> re.Pattern[str]:
+    """``path`` (a route template: ``{name}`` is one segment) as api-blast's Express router
+    matches it: any letter case, with or without a trailing slash."""
+    parts = re.split(r"\{(\w+)\}", path.rstrip("/") or "/")
+    regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^/]+)"
+                    for i, p in enumerate(parts))
+    return re.compile(regex + "/?", re.IGNORECASE)
+
+
 class Proxy:
     """Request handlers for guarded and pass-through routes."""
 
@@ -98,6 +107,8 @@ class Proxy:
         self.clock = clock
         self._id_pattern = re.compile(cfg.limits.instance_id_pattern)
         self._ids = MessageIds()
+        # Guarded routes read at startup only (a reload keeps the listener's routes).
+        self._loose = [(r, loose_pattern(r.path)) for r in cfg.proxy.guarded_routes]
         self._inline: set[asyncio.Task[Any]] = set()
         self._keys_busy: set[tuple[str, str]] = set()  # (instance, key) being handled now
         self.storage_error: str | None = None
@@ -109,6 +120,20 @@ class Proxy:
         """Apply a reloaded configuration."""
         self.cfg = cfg
         self._id_pattern = re.compile(cfg.limits.instance_id_pattern)
+
+    def loose_guarded(self, method: str | None, path: str
+                      ) -> tuple[GuardedRoute, re.Match[str]] | None:
+        """The guarded route ``path`` reaches at api-blast when it is not spelled exactly as
+        configured (``/Send_Message``, ``/send_message/``: Express routes ignore letter case
+        and a trailing slash), so that no spelling lets a send past the journal; ``method``
+        None matches any method."""
+        for route, pattern in self._loose:
+            if method is not None and method.upper() != route.method.upper():
+                continue
+            m = pattern.fullmatch(path)
+            if m is not None:
+                return route, m
+        return None
 
     def add_routes(self, app: web.Application) -> None:
         """Guarded routes first, then a catch-all pass-through (registered last: every route
@@ -127,13 +152,14 @@ class Proxy:
             return await self.guarded(request, route)
         return handler
 
-    async def guarded(self, request: web.Request, route: GuardedRoute) -> web.StreamResponse:
+    async def guarded(self, request: web.Request, route: GuardedRoute,
+                      path_instance: str | None = None) -> web.StreamResponse:
         """Validate, authenticate and journal a send, then send it now or answer 202.
 
         Nothing reaches the journal before every check passed; nothing is acknowledged
         before its row is committed.
         """
-        instance_id = self._instance_id(request, route)
+        instance_id = self._instance_id(request, route, path_instance)
         if isinstance(instance_id, web.Response):
             return instance_id
         verdict = await self.auth.check(instance_id, request.query.get("access_token"))
@@ -164,9 +190,11 @@ class Proxy:
         finally:
             self._keys_busy.discard(slot)
 
-    def _instance_id(self, request: web.Request, route: GuardedRoute) -> str | web.Response:
+    def _instance_id(self, request: web.Request, route: GuardedRoute,
+                     path_instance: str | None = None) -> str | web.Response:
         if route.instance_from == "path":
-            instance_id = request.match_info.get("instance_id", "")
+            instance_id = (request.match_info.get("instance_id", "") if path_instance is None
+                           else path_instance)
             where = "path segment {instance_id}"
         else:
             instance_id = request.query.get("instance_id", "")
@@ -339,6 +367,10 @@ class Proxy:
 
     async def pass_through(self, request: web.Request) -> web.StreamResponse:
         """Forward any other request unchanged and stream the answer back."""
+        loose = self.loose_guarded(request.method, request.path)
+        if loose is not None:
+            route, m = loose
+            return await self.guarded(request, route, m.groupdict().get("instance_id"))
         headers = forwardable(request.headers)
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)

@@ -269,9 +269,12 @@ def parse_response(head: bytes, head_request: bool) -> tuple[int, list[bytes], i
 
 class LocalRoutes:
     """The paths the aiohttp application routes itself (everything but the catch-all
-    pass-through resource), plus ``/instance`` (its answer is read by the pass-through)."""
+    pass-through resource), plus ``/instance`` (its answer is read by the pass-through) and
+    those ``also`` names."""
 
-    def __init__(self, app: web.Application, pass_through: Any) -> None:
+    def __init__(self, app: web.Application, pass_through: Any,
+                 also: Callable[[str], bool] | None = None) -> None:
+        self.also = also  # more paths for aiohttp (a guarded route spelled another way)
         self.plain: set[bytes] = {b"/instance"}
         self.patterns: list[re.Pattern[str]] = []
         self.prefixes: list[bytes] = []
@@ -295,7 +298,8 @@ class LocalRoutes:
             return hit
         text = path.decode("ascii")
         hit = (path in self.plain or any(p.fullmatch(text) for p in self.patterns)
-               or any(path.startswith(p) for p in self.prefixes))
+               or any(path.startswith(p) for p in self.prefixes)
+               or (self.also is not None and self.also(text)))
         if len(self._cache) < 4096:
             self._cache[path] = hit
         return hit
@@ -941,6 +945,8 @@ class ClientConn(asyncio.Protocol):
         proto = self.relay.server()
         self.transport.set_protocol(proto)
         proto.connection_made(self.transport)
+        if self.writing_paused:  # the transport will not say it again: aiohttp must know
+            proto.pause_writing()
         if self.buf:
             data, self.buf = bytes(self.buf), bytearray()
             proto.data_received(data)

@@ -614,3 +614,23 @@ async def test_reader_follows_a_reopened_journal(tmp_path: Path) -> None:
         await j.close()
     with pytest.raises(JournalError, match="closed"):
         await j.get("msg-0001")
+
+
+async def test_a_read_sees_one_snapshot(journal: Journal) -> None:
+    """Every statement of one read sees the same committed state, even when a commit lands
+    between two of them (the figures of one answer agree with each other)."""
+    await journal.insert(_msg(1), M.QUEUED, 1.0)
+
+    def op(conn: sqlite3.Connection) -> tuple[int, int]:
+        before = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        other = sqlite3.connect(journal.path, isolation_level=None)
+        try:  # a commit from elsewhere, between the two statements
+            other.execute("UPDATE messages SET attempts = attempts + 1")
+        finally:
+            other.close()
+        after = conn.execute("SELECT SUM(attempts) FROM messages").fetchone()[0]
+        return before, after
+
+    assert await journal.read(op) == (1, 0)
+    row = await journal.get("msg-0001")
+    assert row is not None and row.attempts == 1

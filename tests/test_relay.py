@@ -407,3 +407,26 @@ def test_pipelined_requests_before_a_half_close_are_all_answered(conn: Conn) -> 
     assert first.json() == {"slow": True}
     assert second.status == 200 and second.json()["url"] == "/echo?n=2"
     assert conn.closed_by_peer()
+
+
+@pytest.mark.parametrize("path", [
+    f"/Send_Message?instance_id={INSTANCE}&access_token={TOKEN}",
+    f"/send_message/?instance_id={INSTANCE}&access_token={TOKEN}",
+    f"/SEND-MESSAGE/{INSTANCE}/?access_token={TOKEN}",
+])
+def test_a_guarded_route_spelled_another_way_is_journaled(stack: Stack, conn: Conn,
+                                                          path: str) -> None:
+    """api-blast's Express routes ignore letter case and a trailing slash: those spellings
+    reach its send handler too, so they are journaled like the configured one."""
+    sent = conn.request("POST", path, b"chat_id=6281234567890%40c.us&caption=hi",
+                        {"Content-Type": "application/x-www-form-urlencoded"})
+    # Journaled first (the id), then sent at once: the answer is the test upstream's own
+    # (it routes by exact path, unlike Express, and may answer 404).
+    assert sent.by_aiohttp and sent.header("x-supervisor-message-id"), sent
+
+
+def test_a_path_that_only_starts_like_a_guarded_route_passes_through(stack: Stack,
+                                                                     conn: Conn) -> None:
+    resp = conn.request("POST", f"/send_messages?instance_id={INSTANCE}", b"x=1",
+                        {"Content-Type": "application/x-www-form-urlencoded"})
+    assert not resp.by_aiohttp and resp.header("x-supervisor-message-id") is None
