@@ -332,7 +332,7 @@ class Relay:
         self.clients: set[ClientConn] = set()
         self.pool: list[UpstreamConn] = []
         self._sweep: asyncio.TimerHandle | None = None
-        self._connecting: set[asyncio.Task[None]] = set()
+        self._connecting: dict[asyncio.Task[None], tuple[ClientConn, int]] = {}
         self.closing = False
 
     def connection(self) -> asyncio.Protocol:
@@ -388,8 +388,8 @@ class Relay:
     def connect(self, client: ClientConn, seq: int) -> None:
         """Open a new upstream connection for ``client``'s request ``seq``."""
         task = self.loop.create_task(self._connect(client, seq))
-        self._connecting.add(task)
-        task.add_done_callback(self._connecting.discard)
+        self._connecting[task] = (client, seq)
+        task.add_done_callback(lambda t: self._connecting.pop(t, None))
 
     async def _connect(self, client: ClientConn, seq: int) -> None:
         try:
@@ -411,6 +411,9 @@ class Relay:
         for client in list(self.clients):
             if client.phase == P_IDLE and not client.buf:
                 client.transport.close()
+        for task, (client, seq) in list(self._connecting.items()):  # no new connection
+            task.cancel()
+            client.upstream_failed(seq, 503, "blast-supervisor is shutting down; retry")
         for up in self.pool:
             up.close()
         self.pool.clear()

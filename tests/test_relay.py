@@ -8,6 +8,7 @@ answered.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -430,3 +431,35 @@ def test_a_path_that_only_starts_like_a_guarded_route_passes_through(stack: Stac
     resp = conn.request("POST", f"/send_messages?instance_id={INSTANCE}", b"x=1",
                         {"Content-Type": "application/x-www-form-urlencoded"})
     assert not resp.by_aiohttp and resp.header("x-supervisor-message-id") is None
+
+
+async def test_close_cancels_pending_upstream_connects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connect still pending when the supervisor stops is cancelled, and its client gets
+    a 503 naming why, instead of a task left running past the loop's end."""
+    from aiohttp import web
+
+    from supervisor.config import parse_config
+
+    failed: list[tuple[int, int, str]] = []
+
+    class Client:
+        def upstream_failed(self, seq: int, status: int, message: str) -> None:
+            failed.append((seq, status, message))
+
+        def upstream_ready(self, seq: int, up: object) -> None:
+            raise AssertionError("no connection can be made here")
+
+    r = relay.Relay(parse_config({}), web.Server(lambda request: None), lambda path: False)
+    never = asyncio.Event()
+
+    async def hang(*args: object, **kwargs: object) -> None:
+        await never.wait()
+
+    monkeypatch.setattr(r.loop, "create_connection", hang)
+    r.connect(Client(), 7)  # type: ignore[arg-type]
+    tasks = list(r._connecting)
+    assert len(tasks) == 1
+    r.close()  # before the task even started: the client is answered all the same
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert failed == [(7, 503, "blast-supervisor is shutting down; retry")]
+    assert tasks[0].cancelled() and not r._connecting
