@@ -124,22 +124,33 @@ class Rule:
     needles: tuple[str, ...] | None = None
 
 
+def _parsed(pattern: re.Pattern[str]) -> list[tuple[Any, Any]] | None:
+    """The top-level items of ``pattern`` as the regex parser sees them; None when the
+    pattern ignores case (its literals are not exact)."""
+    if pattern.flags & re.IGNORECASE:
+        return None
+    parsed = _RE_PARSER.parse(pattern.pattern, pattern.flags)
+    return None if parsed.state.flags & re.IGNORECASE else list(parsed.data)
+
+
+def _longest_run(items: list[tuple[Any, Any]]) -> str:
+    """The longest run of plain literals in ``items``."""
+    best, run = "", []
+    for op, arg in [*items, (None, None)]:
+        if op is _RE_LITERAL:
+            run.append(chr(arg))
+            continue
+        best = max(best, "".join(run), key=len)
+        run = []
+    return best
+
+
 def literal_needle(pattern: re.Pattern[str]) -> str | None:
     """The longest run of plain literals at the top level of ``pattern`` (two characters or
     more), which every match must contain; None when there is none or it is not exact."""
-    if pattern.flags & re.IGNORECASE:
-        return None
     try:
-        parsed = _RE_PARSER.parse(pattern.pattern, pattern.flags)
-        if parsed.state.flags & re.IGNORECASE:
-            return None
-        best, run = "", []
-        for op, arg in [*parsed.data, (None, None)]:
-            if op is _RE_LITERAL:
-                run.append(chr(arg))
-                continue
-            best = max(best, "".join(run), key=len)
-            run = []
+        items = _parsed(pattern)
+        best = "" if items is None else _longest_run(items)
     except Exception:  # the regex module's internals changed: no needle, always searched
         return None
     return best if len(best) >= 2 else None
@@ -150,13 +161,9 @@ def literal_needles(pattern: re.Pattern[str]) -> tuple[str, ...] | None:
     :func:`literal_needle` when there is one, else the needles of each branch of a required
     alternation (``^(?:Last disconnect error|Connection closed, reason)…``); None when none
     is exact."""
-    if pattern.flags & re.IGNORECASE:
-        return None
     try:
-        parsed = _RE_PARSER.parse(pattern.pattern, pattern.flags)
-        if parsed.state.flags & re.IGNORECASE:
-            return None
-        return _needles_of(list(parsed.data))
+        items = _parsed(pattern)
+        return None if items is None else _needles_of(items)
     except Exception:  # the regex module's internals changed: no needles, always searched
         return None
 
@@ -164,26 +171,18 @@ def literal_needles(pattern: re.Pattern[str]) -> tuple[str, ...] | None:
 def required_chars(pattern: re.Pattern[str]) -> frozenset[str]:
     """Characters every match of ``pattern`` contains (its literals outside any repeat,
     group or alternation); empty when not known."""
-    if pattern.flags & re.IGNORECASE:
-        return frozenset()
     try:
-        parsed = _RE_PARSER.parse(pattern.pattern, pattern.flags)
-        if parsed.state.flags & re.IGNORECASE:
+        items = _parsed(pattern)
+        if items is None:
             return frozenset()
-        return frozenset(chr(arg) for op, arg in parsed.data if op is _RE_LITERAL)
+        return frozenset(chr(arg) for op, arg in items if op is _RE_LITERAL)
     except Exception:  # the regex module's internals changed: nothing known
         return frozenset()
 
 
 def _needles_of(items: list[tuple[Any, Any]]) -> tuple[str, ...] | None:
     """Needles of a sequence of parsed regex items (every match of the sequence holds one)."""
-    best, run = "", []
-    for op, arg in [*items, (None, None)]:
-        if op is _RE_LITERAL:
-            run.append(chr(arg))
-            continue
-        best = max(best, "".join(run), key=len)
-        run = []
+    best = _longest_run(items)
     if len(best) >= 2:
         return (best,)
     for op, arg in items:
