@@ -211,11 +211,11 @@ _RE_BRANCH: Any = _RE_CONSTANTS.BRANCH
 
 
 def rule(name: str, pattern: str, kind: EventKind | None, code: int | None = None,
-         fallback: EventKind | None = None) -> Rule:
-    """Build a :class:`Rule` from a pattern string."""
+         fallback: EventKind | None = None, ignore: bool = False) -> Rule:
+    """Build a :class:`Rule` from a pattern string, with its needles."""
     compiled = re.compile(pattern)
-    return Rule(name, compiled, kind, code, fallback, needle=literal_needle(compiled),
-                needles=literal_needles(compiled))
+    return Rule(name, compiled, kind, code, fallback, ignore=ignore,
+                needle=literal_needle(compiled), needles=literal_needles(compiled))
 
 
 _ID = r"(?P<instance_id>[0-9A-Za-z]{10,20})"
@@ -289,9 +289,7 @@ def compile_rules(extra: Iterable[tuple[str, str, str, int | None]]) -> tuple[Ru
     own: list[Rule] = []
     for name, pattern, event, code in extra:
         if event == IGNORE:
-            compiled = re.compile(pattern)
-            own.append(Rule(name, compiled, None, code, ignore=True,
-                            needle=literal_needle(compiled), needles=literal_needles(compiled)))
+            own.append(rule(name, pattern, None, code, ignore=True))
         else:
             own.append(rule(name, pattern, EventKind(event), code))
     names = {r.name for r in own}

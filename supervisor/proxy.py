@@ -32,14 +32,21 @@ from .journal import IdempotencyKey, Journal, JournalError, KeyInUse, MessageSta
 from .outcome import OutcomeKind
 from .replay import Item, Lane, Replayer
 from .sessions import GateAction
-from .upstream import SendResult, Upstream, forwardable
+from .upstream import (
+    CLOSED_WITHOUT_ANSWER,
+    RETRYABLE_METHODS,
+    SendResult,
+    Upstream,
+    forwardable,
+    no_answer_within,
+    unreachable,
+)
 
 log = logging.getLogger(__name__)
 
 MESSAGE_ID_HEADER = "X-Supervisor-Message-Id"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"  # set on an answer given again for a known key
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def json_error(status: int, message: str, headers: dict[str, str] | None = None,
@@ -378,7 +385,7 @@ class Proxy:
         url = self.upstream.url(request.rel_url.raw_path, request.rel_url.raw_query_string)
         timeout = aiohttp.ClientTimeout(total=self.cfg.upstream.pass_through_timeout_s,
                                         sock_connect=self.cfg.upstream.connect_timeout_s)
-        tries = 2 if request.method in IDEMPOTENT and data is None else 1
+        tries = 2 if request.method in RETRYABLE_METHODS and data is None else 1
         for attempt in range(1, tries + 1):
             try:
                 async with self.upstream.session.request(
@@ -390,16 +397,16 @@ class Proxy:
                 # A pooled connection closed by api-blast as we reused it: safe to retry a
                 # request without a body and without side effects, once.
                 if attempt == tries:
-                    return json_error(502, "api-blast closed the connection without answering")
+                    return json_error(502, CLOSED_WITHOUT_ANSWER)
             except aiohttp.ClientConnectorError as exc:
-                return json_error(502, f"api-blast at {self.cfg.upstream.url} is unreachable: "
-                                       f"{exc.os_error.strerror or exc}")
+                return json_error(502, unreachable(self.cfg.upstream.url,
+                                                   exc.os_error.strerror or exc))
             except TimeoutError:
-                return json_error(504, f"api-blast did not answer within "
-                                       f"{self.cfg.upstream.pass_through_timeout_s:g} s")
+                return json_error(504,
+                                  no_answer_within(self.cfg.upstream.pass_through_timeout_s))
             except aiohttp.ClientError as exc:
                 return json_error(502, f"error talking to api-blast: {exc}")
-        return json_error(502, "api-blast closed the connection without answering")
+        return json_error(502, CLOSED_WITHOUT_ANSWER)
 
     async def _stream_back(self, request: web.Request,
                            resp: aiohttp.ClientResponse) -> web.StreamResponse:

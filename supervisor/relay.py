@@ -32,14 +32,20 @@ from aiohttp import web
 from yarl import URL
 
 from .config import Config
-from .upstream import HOP_BY_HOP
+from .upstream import (
+    CLOSED_WITHOUT_ANSWER,
+    HOP_BY_HOP,
+    RETRYABLE_METHODS,
+    no_answer_within,
+    unreachable,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 8190  # a longer head goes to aiohttp (its max_line_size / max_field_size)
 MAX_HEADERS = 100
 BUFFER_HIGH = 256 * 1024  # client bytes buffered while a request is in flight: pause above
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+RETRYABLE = frozenset(m.encode() for m in RETRYABLE_METHODS)
 
 _METHOD = re.compile(rb"[A-Z]{1,20}")
 # origin-form only; no percent escape and no dot segment in the path (aiohttp's router would
@@ -397,11 +403,9 @@ class Relay:
                 _, up = await self.loop.create_connection(lambda: UpstreamConn(self),
                                                           self.host, self.port)
         except TimeoutError:
-            client.upstream_failed(seq, 504, f"api-blast did not answer within "
-                                             f"{self.pass_through_timeout_s:g} s")
+            client.upstream_failed(seq, 504, no_answer_within(self.pass_through_timeout_s))
         except OSError as exc:
-            client.upstream_failed(seq, 502, f"api-blast at {self.url} is unreachable: "
-                                             f"{exc.strerror or exc}")
+            client.upstream_failed(seq, 502, unreachable(self.url, exc.strerror or exc))
         else:
             client.upstream_ready(seq, up)
 
@@ -723,8 +727,7 @@ class ClientConn(asyncio.Protocol):
             up.close()
         if not self.answer_started:
             self.transport.write(error_answer(
-                504, f"api-blast did not answer within {self.relay.pass_through_timeout_s:g} s",
-                True))
+                504, no_answer_within(self.relay.pass_through_timeout_s), True))
         self.phase = P_DONE
         self.transport.close()
 
@@ -911,7 +914,7 @@ class ClientConn(asyncio.Protocol):
             return
         req = self.req
         if not got_any and self.attempts == 1 and req is not None and self.body_done \
-                and req.body_length == 0 and not req.chunked and req.method in IDEMPOTENT:
+                and req.body_length == 0 and not req.chunked and req.method in RETRYABLE:
             # A pooled connection closed by api-blast as we reused it: a request without a
             # body and without side effects is sent again, once.
             self.attempts = 2
@@ -925,7 +928,7 @@ class ClientConn(asyncio.Protocol):
                 nxt.begin(self, req.method == b"HEAD")
                 nxt.transport.write(req.head)
             return
-        self._error(502, "api-blast closed the connection without answering")
+        self._error(502, CLOSED_WITHOUT_ANSWER)
 
     def abort(self) -> None:
         """Give up on this connection (its answer cannot be completed)."""

@@ -19,6 +19,22 @@ HOP_BY_HOP = frozenset({
     "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
 })
 
+# Pass-through, whether relayed or through aiohttp: the methods sent again once on a fresh
+# connection when a pooled one turned out closed before any answer (only without a body:
+# nothing with side effects is ever sent twice), and the errors when api-blast gives none.
+RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+CLOSED_WITHOUT_ANSWER = "api-blast closed the connection without answering"
+
+
+def unreachable(url: str, detail: object) -> str:
+    """The error of a pass-through request that could not reach api-blast."""
+    return f"api-blast at {url} is unreachable: {detail}"
+
+
+def no_answer_within(timeout_s: float) -> str:
+    """The error of a pass-through request api-blast did not answer in time."""
+    return f"api-blast did not answer within {timeout_s:g} s"
+
 
 @dataclass(frozen=True, slots=True)
 class SendResult:

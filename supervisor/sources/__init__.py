@@ -214,7 +214,7 @@ class Intake:
                 continue  # it can only silence a record: one without needles gives nothing
             if not STRUCTURAL_NEEDLES_SET.isdisjoint(events.required_chars(r.pattern)):
                 continue  # a match holds ``{`` or ``[``: the scan looks at such lines anyway
-            own = r.needles or ((r.needle,) if r.needle else None)
+            own = r.needles
             if own is None or needles is None:
                 needles = None
                 break
