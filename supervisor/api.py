@@ -6,6 +6,7 @@ Nothing here shows an access token or a message body.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -64,6 +65,9 @@ def message_view(row: MessageRow) -> dict[str, Any]:
         "delivered_at": _iso(row.delivered_at),
         "next_attempt_at": _iso(row.next_attempt_at)
         if row.state in (MessageState.QUEUED, MessageState.UNKNOWN) else None,
+        # Each attempt: its outcome, whether it counted towards queue.max_retries, and why.
+        "history": [dict(entry, at=_iso(entry.get("at"))) for entry in
+                    json.loads(row.history or "[]") if isinstance(entry, dict)],
     }
 
 

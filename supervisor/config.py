@@ -116,6 +116,12 @@ class SessionConfig:
     conflict_delay_s: float = field(default=30.0, metadata=_meta(ge=0))
     connection_timeout_s: float = field(default=120.0, metadata=_meta(gt=0))
     keepalive_s: float = field(default=45.0, metadata=_meta(gt=0))
+    # A "not sent" answer with a drop signal of the instance this close before or after it
+    # blames the session (held, not counted); without one it counts against the message.
+    drop_window_s: float = field(default=3.0, metadata=_meta(ge=0, le=300))
+    # This many "not sent" answers in a row (nothing delivered between them) blame the
+    # session even without a drop signal: it is held and probed (a silent outage).
+    not_sent_streak: int = field(default=3, metadata=_meta(ge=1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +151,11 @@ class AuthConfig:
     mode: Literal["upstream", "tokens", "none"] = "upstream"
     # instance id -> accepted access tokens (mode: tokens)
     tokens: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # An accepted pair is re-checked in the background when its last check is older.
     cache_ttl_s: float = field(default=300.0, metadata=_meta(ge=0))
+    # An accepted pair is trusted this long after api-blast last accepted it (30 days),
+    # across api-blast outages and daemon restarts, until api-blast refuses it.
+    trust_ttl_s: float = field(default=2_592_000.0, metadata=_meta(ge=0))
     negative_cache_ttl_s: float = field(default=10.0, metadata=_meta(ge=0))
     admin_token: str | None = None
 

@@ -21,7 +21,7 @@ from . import attribution, events
 from .admin import Admin
 from .api import Api
 from .attribution import Attributor
-from .auth import Authenticator
+from .auth import Authenticator, load_key, query_token
 from .clock import Clock, SystemClock
 from .config import Config, ConfigError, validate
 from .housekeeping import Housekeeper
@@ -158,6 +158,7 @@ class Supervisor:
         self.runner: web.AppRunner | None = None
         self.replayer: Replayer | None = None
         self.proxy: Proxy | None = None
+        self.auth: Authenticator | None = None
         self.port: int = cfg.listen.port
         self._context_size = (-1, -1)
         self._context_ids: tuple[list[str], list[str]] = ([], [])
@@ -205,9 +206,9 @@ class Supervisor:
         replayer.hold_sending()  # until the first pass over the log (run())
         replayer.on_outcome = self.metrics.on_outcome
         replayer.on_settled = self._on_settled
-        self.auth = Authenticator(cfg.auth, self.upstream, self.clock)
-        self.proxy = Proxy(cfg, self.journal, replayer, self.upstream, self.auth, self.clock)
-        self.api = Api(cfg, self.journal, self.sessions, replayer, self.auth, self.clock,
+        self.auth = auth = await self._start_auth(state_dir)
+        self.proxy = Proxy(cfg, self.journal, replayer, self.upstream, auth, self.clock)
+        self.api = Api(cfg, self.journal, self.sessions, replayer, auth, self.clock,
                        stats=Stats(self.journal, self.clock), metrics=self.metrics,
                        recent_events=self.recent_events)
         # Until the first pass over the log is done, sends are journaled and answered 202 but
@@ -252,6 +253,18 @@ class Supervisor:
             self.port = server.sockets[0].getsockname()[1]
         log.info("listening on http://%s:%d, forwarding to %s", cfg.listen.host, self.port,
                  cfg.upstream.url)
+
+    async def _start_auth(self, state_dir: Path) -> Authenticator:
+        """The token checker, with the pairs api-blast accepted before (journal)."""
+        assert self.upstream is not None
+        key = await asyncio.to_thread(load_key, state_dir)
+        auth = Authenticator(self.cfg.auth, self.upstream, self.clock, self.journal, key,
+                             on_relogin=self._on_relogin, on_credentials=self._on_credentials)
+        trusted = await auth.load()
+        if trusted:
+            log.info("%d accepted (instance, access token) pairs trusted from the journal",
+                     trusted)
+        return auth
 
     async def _restore_queue(self) -> bool:
         """Load the journal's queue into the lanes: at startup, or once a journal that could
@@ -356,6 +369,7 @@ class Supervisor:
             self.procwatch = ProcessWatcher(cfg.process, cfg.upstream.url, self.clock,
                                             self._on_upstream_restart)
         restart = self._restart_child if cfg.log_source.type == "command" else None
+        assert self.auth is not None
         self.recovery = Recovery(cfg.recovery, cfg.session, self.sessions, self.upstream,
                                  self.auth, self.clock, restart)
         sections = self.api.sections
@@ -492,7 +506,8 @@ class Supervisor:
         self.sessions.reconfigure(cfg.session)
         if self.replayer is not None:
             self.replayer.reconfigure(cfg.queue)
-        self.auth.reconfigure(cfg.auth)
+        if self.auth is not None:
+            self.auth.reconfigure(cfg.auth)
         if self.proxy is not None:
             self.proxy.reconfigure(cfg)
         self.api.cfg = cfg
@@ -567,6 +582,8 @@ class Supervisor:
         # 4. Close the HTTP server and the client session.
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.auth is not None:
+            await self.auth.close()
         if self.upstream is not None:
             await self.upstream.close()
         # 5. Close the journal (the tail position was committed with each chunk read).
@@ -667,7 +684,8 @@ class Supervisor:
         if size != self._context_size:
             self._context_size = size
             self._context_ids = (sorted(set(self.sessions.known()) | set(lanes)), sorted(lanes))
-        return self._context_ids[0], self._context_ids[1], self.auth.jids
+        jids = self.auth.jids if self.auth is not None else {}
+        return self._context_ids[0], self._context_ids[1], jids
 
     def apply_event(self, ev: events.Event, line: int = 0) -> None:
         """Attribute an event that did not come from the log source (a process restart seen
@@ -723,12 +741,37 @@ class Supervisor:
         self._persisting.add(task)
         task.add_done_callback(self._persisting.discard)
 
+    def _on_relogin(self, instance_id: str) -> None:
+        """api-blast answered ``relogin: true``: the instance waits for a QR scan."""
+        if self.sessions.note_relogin(instance_id, self.clock.monotonic()):
+            log.warning("session %s: needs_qr (api-blast: the instance has no logged-in "
+                        "WhatsApp account; scan its QR code in Waziper). Its sends are held",
+                        instance_id)
+            self._session_changed(instance_id)
+
+    def _on_credentials(self, instance_id: str) -> None:
+        """api-blast named the instance's account: a wait for a QR scan is over."""
+        if self.sessions.note_credentials(instance_id, self.clock.monotonic()):
+            log.info("session %s: unknown (api-blast has a logged-in account for it again; "
+                     "the next send probes the session)", instance_id)
+            self._session_changed(instance_id)
+
+    def _session_changed(self, instance_id: str) -> None:
+        if self.replayer is not None:
+            self.replayer.wake([instance_id])
+        if self.journal is not None and self.journal.is_open:
+            self._persist([instance_id], [])
+
     # ------------------------------------------------------------------ sending
 
     async def _send(self, row: MessageRow) -> SendResult:
         assert self.upstream is not None
-        return await self.upstream.send(row.method, row.path, row.query, row.headers, row.body,
-                                        self.cfg.queue.processing_timeout_s)
+        result = await self.upstream.send(row.method, row.path, row.query, row.headers,
+                                          row.body, self.cfg.queue.processing_timeout_s)
+        if self.auth is not None and result.status:
+            self.auth.learn_answer(row.instance_id, query_token(row.query), result.status,
+                                   result.body)
+        return result
 
 
 async def run_forever(cfg: Config, load: Callable[[], Config] | None = None,

@@ -113,6 +113,7 @@ class MessageRow:
     updated_at: float
     delivered_at: float | None
     message_key_id: str | None
+    history: str | None = None  # JSON array: one object per attempt (see Progress.note)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +176,8 @@ class Progress:
     next_attempt_at: float
     last_error: str | None
     message_key_id: str | None = None
+    # One entry for the message's attempt history, as a JSON object text, or None.
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +267,7 @@ class OutcomeRow:
     since: float | None = None  # first outcome counted (totals only)
 
 
-_SCHEMA_VERSION = 5
+_SCHEMA_VERSION = 6
 
 _MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
@@ -399,13 +402,27 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
         "SUM(state = 'delivered'), SUM(state = 'delivered' AND attempts = 1), "
         "SUM(state = 'dead'), SUM(attempts) FROM outcomes GROUP BY 1, 2",
     ),
+    6: (
+        # (instance, access token) pairs api-blast accepted (auth.py): trusted across
+        # api-blast outages and restarts. A keyed hash of the token is stored, never the token.
+        """CREATE TABLE trusted_tokens (
+            instance_id TEXT NOT NULL,
+            token_hash TEXT NOT NULL,
+            verified_at REAL NOT NULL,
+            PRIMARY KEY (instance_id, token_hash)
+        )""",
+        # Each attempt's outcome and whether it counted towards max_retries, and why
+        # (a JSON array, the latest HISTORY_KEPT entries).
+        "ALTER TABLE messages ADD COLUMN history TEXT",
+    ),
 }
 
 _COLUMNS = (
     "seq, id, instance_id, method, path, query, headers, body, state, attempts, failures, "
     "unknown_count, next_attempt_at, last_error, created_at, updated_at, delivered_at, "
-    "message_key_id"
+    "message_key_id, history"
 )
+HISTORY_KEPT = 50  # entries of a message's attempt history kept (the oldest go first)
 
 
 def _row(r: Sequence[Any]) -> MessageRow:
@@ -414,7 +431,7 @@ def _row(r: Sequence[Any]) -> MessageRow:
         headers=tuple((str(k), str(v)) for k, v in json.loads(r[6])), body=bytes(r[7]),
         state=MessageState(r[8]), attempts=r[9], failures=r[10], unknown_count=r[11],
         next_attempt_at=r[12], last_error=r[13], created_at=r[14], updated_at=r[15],
-        delivered_at=r[16], message_key_id=r[17],
+        delivered_at=r[16], message_key_id=r[17], history=r[18],
     )
 
 
@@ -933,11 +950,17 @@ class Journal:
 
         def op(c: sqlite3.Connection) -> None:
             c.execute(
-                "UPDATE messages SET state = ?, attempts = ?, failures = ?, unknown_count = ?, "
-                "next_attempt_at = ?, last_error = ?, message_key_id = ?, updated_at = ?, "
-                "delivered_at = COALESCE(?, delivered_at) WHERE id = ?",
-                (p.state.value, p.attempts, p.failures, p.unknown_count, p.next_attempt_at,
-                 p.last_error, p.message_key_id, now, delivered_at, message_id))
+                "UPDATE messages SET state = :state, attempts = :attempts, failures = :failures, "
+                "unknown_count = :unknown, next_attempt_at = :next, last_error = :error, "
+                "message_key_id = :key, updated_at = :now, "
+                "delivered_at = COALESCE(:delivered, delivered_at), "
+                "history = CASE WHEN :note IS NULL THEN history ELSE json_insert(json_remove("
+                "COALESCE(history, '[]'), CASE WHEN json_array_length(COALESCE(history, '[]')) "
+                ">= :kept THEN '$[0]' ELSE '$[#]' END), '$[#]', json(:note)) END WHERE id = :id",
+                {"state": p.state.value, "attempts": p.attempts, "failures": p.failures,
+                 "unknown": p.unknown_count, "next": p.next_attempt_at, "error": p.last_error,
+                 "key": p.message_key_id, "now": now, "delivered": delivered_at,
+                 "note": p.note, "kept": HISTORY_KEPT, "id": message_id})
             if p.state in (MessageState.DELIVERED, MessageState.DEAD):
                 _count_outcome(c, message_id, p.state, p.attempts, now)
 
@@ -1223,6 +1246,30 @@ class Journal:
         """The instances paused by an admin call."""
         return await self.call(lambda c: {
             r[0] for r in c.execute("SELECT instance_id FROM paused_instances")})
+
+    # ------------------------------------------------------------------ token verdicts
+
+    async def trusted_tokens(self, verified_after: float) -> list[tuple[str, str, float]]:
+        """``(instance_id, token_hash, verified_at)`` of the pairs api-blast accepted after
+        ``verified_after``; older ones are deleted."""
+        def op(conn: sqlite3.Connection) -> list[tuple[str, str, float]]:
+            conn.execute("DELETE FROM trusted_tokens WHERE verified_at <= ?", (verified_after,))
+            return [(str(r[0]), str(r[1]), float(r[2])) for r in conn.execute(
+                "SELECT instance_id, token_hash, verified_at FROM trusted_tokens")]
+        return await self.call(op)
+
+    async def trust_token(self, instance_id: str, token_hash: str, verified_at: float) -> None:
+        """api-blast accepted this pair at ``verified_at``."""
+        await self.call(lambda c: c.execute(
+            "INSERT INTO trusted_tokens (instance_id, token_hash, verified_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (instance_id, token_hash) DO UPDATE SET verified_at = "
+            "MAX(verified_at, excluded.verified_at)", (instance_id, token_hash, verified_at)))
+
+    async def distrust_token(self, instance_id: str, token_hash: str) -> None:
+        """api-blast refused this pair: it is trusted no more."""
+        await self.call(lambda c: c.execute(
+            "DELETE FROM trusted_tokens WHERE instance_id = ? AND token_hash = ?",
+            (instance_id, token_hash)))
 
     # ------------------------------------------------------------------ retention
 

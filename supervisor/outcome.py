@@ -7,6 +7,7 @@ status code and body bytes in, :class:`Outcome` out.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -16,12 +17,19 @@ class OutcomeKind(StrEnum):
     """How a send attempt ended."""
 
     DELIVERED = "delivered"  # api-blast returned message.key.id: WhatsApp took the message
-    NOT_READY = "not_ready"  # api-blast's socket was closed; nothing was sent; retry when ready
+    NOT_READY = "not_ready"  # api-blast said its session is not ready; retry when ready
+    # api-blast answered {"status":"success"} without a message: Baileys rejected the send,
+    # for a reason not given (socket closed, a chat_id or media_url it cannot use, ...).
+    # Nothing was sent. Whether the session or the message is to blame: replay.py decides.
+    NOT_SENT = "not_sent"
     UNAVAILABLE = "unavailable"  # api-blast could not be reached; the body was never written
     FAILED = "failed"  # an error worth retrying (5xx, unreadable answer); counts towards dead
     UNKNOWN = "unknown"  # the body was written but no answer came (timeout, connection lost)
     PERMANENT = "permanent"  # api-blast refused the send for good (auth error, monthly quota)
 
+
+# api-blast's own license check failing (stock waziper.js, with one to three "!").
+LICENSE_ERROR = re.compile(r"Whoop!{0,3} The license provided is not valid")
 
 # The patched api-blast answers this string while its session is down; its own queue never
 # flushes, so for us it means "not sent".
@@ -57,6 +65,11 @@ def classify(status: int, body: bytes) -> Outcome:
         return Outcome(OutcomeKind.DELIVERED, "", key_id)
     api_status = doc.get("status")
     message = doc.get("message")
+    if api_status == "error" and isinstance(message, str) and LICENSE_ERROR.match(message):
+        # api-blast itself is misconfigured: it refuses everything, this send included; not
+        # the message's fault and not an attempt (nothing went to WhatsApp).
+        return Outcome(OutcomeKind.UNAVAILABLE, f"api-blast's license check fails: "
+                                                f"{_short(message)}")
     if api_status == "error":
         return Outcome(OutcomeKind.PERMANENT, f"api-blast error: {_short(message)}")
     if isinstance(message, str):
@@ -67,8 +80,8 @@ def classify(status: int, body: bytes) -> Outcome:
         return Outcome(OutcomeKind.FAILED, f"api-blast answered HTTP {status}")
     if api_status == "success" and message is None:
         return Outcome(
-            OutcomeKind.NOT_READY,
-            'api-blast answered {"status":"success"} without a message: the session was not open',
+            OutcomeKind.NOT_SENT,
+            'api-blast answered {"status":"success"} without a message: not sent',
         )
     return Outcome(OutcomeKind.FAILED, "api-blast's answer has no message.key.id")
 

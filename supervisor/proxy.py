@@ -13,19 +13,17 @@ A guarded send (``POST /send_message?instance_id=…``, ``POST /send-message/{in
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from . import validation
-from .auth import Authenticator
+from .auth import Authenticator, query_token
 from .clock import Clock
 from .config import Config, GuardedRoute
 from .journal import IdempotencyKey, Journal, JournalError, KeyInUse, MessageState, NewMessage
@@ -45,8 +43,14 @@ from .upstream import (
 log = logging.getLogger(__name__)
 
 MESSAGE_ID_HEADER = "X-Supervisor-Message-Id"
+# Pass-through routes whose answers are read: they run api-blast's token gate.
+VERDICT_ROUTES = frozenset({"/instance", "/get_groups"})
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"  # set on an answer given again for a known key
+# Query parameters of a send that api-blast must read as one plain string, by where the
+# route takes its instance id from.
+_QUERY_ROUTE_NAMES = ("instance_id", "access_token")
+_PATH_ROUTE_NAMES = ("access_token",)
 
 
 def json_error(status: int, message: str, headers: dict[str, str] | None = None,
@@ -94,11 +98,20 @@ class MessageIds:
 
 def loose_pattern(path: str) -> re.Pattern[str]:
     """``path`` (a route template: ``{name}`` is one segment) as api-blast's Express router
-    matches it: any letter case, with or without a trailing slash."""
+    matches it (path-to-regexp 0.1 with Express 4's defaults), for :meth:`re.Pattern.fullmatch`
+    against the RAW request path.
+
+    Express matches ``req.url``'s pathname as it came: percent-escapes are not decoded
+    (``/%73end_message`` is not ``/send_message`` there), dot segments and empty segments are
+    not normalised (``/a/../send_message``, ``//send_message``); letters match in either case,
+    ASCII only (JavaScript's ``/i`` without ``u`` does not fold ``ſ`` to ``s``, Python's
+    unicode IGNORECASE does); one trailing slash is optional. A ``{name}`` segment is the raw
+    ``[^/]+?``, which Express then percent-decodes (:func:`validation.decode_uri_component`).
+    """
     parts = re.split(r"\{(\w+)\}", path.rstrip("/") or "/")
-    regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^/]+)"
+    regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^/]+?)"
                     for i, p in enumerate(parts))
-    return re.compile(regex + "/?", re.IGNORECASE)
+    return re.compile(regex + "/?", re.IGNORECASE | re.ASCII)
 
 
 class Proxy:
@@ -128,16 +141,17 @@ class Proxy:
         self.cfg = cfg
         self._id_pattern = re.compile(cfg.limits.instance_id_pattern)
 
-    def loose_guarded(self, method: str | None, path: str
+    def loose_guarded(self, method: str | None, raw_path: str
                       ) -> tuple[GuardedRoute, re.Match[str]] | None:
-        """The guarded route ``path`` reaches at api-blast when it is not spelled exactly as
-        configured (``/Send_Message``, ``/send_message/``: Express routes ignore letter case
-        and a trailing slash), so that no spelling lets a send past the journal; ``method``
-        None matches any method."""
+        """The guarded route whose send handler api-blast's Express router runs for
+        ``raw_path`` (the path as it came, escapes undecoded: see :func:`loose_pattern`), in
+        any of its spellings (``/Send_Message``, ``/send_message/``), so that no spelling lets
+        a send past the journal and nothing else is journaled; ``method`` None matches any
+        method."""
         for route, pattern in self._loose:
             if method is not None and method.upper() != route.method.upper():
                 continue
-            m = pattern.fullmatch(path)
+            m = pattern.fullmatch(raw_path)
             if m is not None:
                 return route, m
         return None
@@ -146,27 +160,25 @@ class Proxy:
         """Guarded routes first, then a catch-all pass-through (registered last: every route
         of the application then gets :func:`expect_handler`)."""
         for route in self.cfg.proxy.guarded_routes:
-            app.router.add_route(route.method.upper(), route.path, self._guarded_handler(route))
+            app.router.add_route(route.method.upper(), route.path, self.guarded)
         app.router.add_route("*", "/{tail:.*}", self.pass_through)
         for r in app.router.routes():
             r._expect_handler = expect_handler  # no public setter once a route exists
 
     # ------------------------------------------------------------------ guarded sends
 
-    def _guarded_handler(self, route: GuardedRoute
-                         ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            return await self.guarded(request, route)
-        return handler
-
-    async def guarded(self, request: web.Request, route: GuardedRoute,
-                      path_instance: str | None = None) -> web.StreamResponse:
+    async def guarded(self, request: web.Request) -> web.StreamResponse:
         """Validate, authenticate and journal a send, then send it now or answer 202.
 
-        Nothing reaches the journal before every check passed; nothing is acknowledged
-        before its row is committed.
+        A request api-blast's Express router would not give to its send handler is passed
+        through instead: aiohttp's router matches the decoded path (``/%73end_message`` and
+        ``/send%5Fmessage`` arrive here), Express the raw one. Nothing reaches the journal
+        before every check passed; nothing is acknowledged before its row is committed.
         """
-        instance_id = self._instance_id(request, route, path_instance)
+        express = self.loose_guarded(request.method, request.rel_url.raw_path)
+        if express is None:
+            return await self.pass_through(request)
+        instance_id = self._instance_id(request, *express)
         if isinstance(instance_id, web.Response):
             return instance_id
         verdict = await self.auth.check(instance_id, request.query.get("access_token"))
@@ -198,20 +210,38 @@ class Proxy:
             self._keys_busy.discard(slot)
 
     def _instance_id(self, request: web.Request, route: GuardedRoute,
-                     path_instance: str | None = None) -> str | web.Response:
+                     match: re.Match[str]) -> str | web.Response:
+        """The send's instance id as api-blast reads it, or the 400 answer.
+
+        From the path: the raw segment ``match`` found, percent-decoded as Express decodes a
+        route parameter (one that does not decode is no valid id; Express answers 400 too).
+        From the query: as Express's ``qs`` reads it. Either way the query's ``access_token``
+        (and ``instance_id`` when the id is read from there) must be given once, plainly:
+        ``qs`` reads a name given twice, or with brackets, as an array or an object.
+        """
+        names = _PATH_ROUTE_NAMES if route.instance_from == "path" else _QUERY_ROUTE_NAMES
+        query = validation.express_query(request.rel_url.raw_query_string, names)
+        if isinstance(query, validation.Problem):
+            return json_error(query.status, query.message)
         if route.instance_from == "path":
-            instance_id = (request.match_info.get("instance_id", "") if path_instance is None
-                           else path_instance)
             where = "path segment {instance_id}"
+            raw = match.groupdict().get("instance_id") or ""
+            decoded = validation.decode_uri_component(raw)
+            if decoded is None:
+                return self._invalid_id(where, raw)
+            instance_id = decoded
         else:
-            instance_id = request.query.get("instance_id", "")
+            instance_id = query.get("instance_id", "")
             where = "query parameter instance_id"
         if not instance_id:
             return json_error(400, f"missing {where}: name the api-blast instance to send from")
         if not self._id_pattern.fullmatch(instance_id):
-            return json_error(400, f"{where} {instance_id[:40]!r} is not a valid instance id "
-                                   f"(expected {self.cfg.limits.instance_id_pattern})")
+            return self._invalid_id(where, instance_id)
         return instance_id
+
+    def _invalid_id(self, where: str, instance_id: str) -> web.Response:
+        return json_error(400, f"{where} {instance_id[:40]!r} is not a valid instance id "
+                               f"(expected {self.cfg.limits.instance_id_pattern})")
 
     async def _read_body(self, request: web.Request) -> bytes | web.Response:
         """The whole body, within ``limits.max_body_bytes`` and ``limits.body_timeout_s``."""
@@ -327,6 +357,9 @@ class Proxy:
                            ) -> tuple[SendResult, Item | None]:
         result = await self.upstream.send(msg.method, msg.path, msg.query, msg.headers,
                                           msg.body, self.cfg.queue.processing_timeout_s)
+        if result.status:
+            self.auth.learn_answer(msg.instance_id, query_token(msg.query), result.status,
+                                   result.body)
         requeued = await self.replayer.finish(lane, item, result.outcome, probe)
         return result, requeued
 
@@ -374,10 +407,8 @@ class Proxy:
 
     async def pass_through(self, request: web.Request) -> web.StreamResponse:
         """Forward any other request unchanged and stream the answer back."""
-        loose = self.loose_guarded(request.method, request.path)
-        if loose is not None:
-            route, m = loose
-            return await self.guarded(request, route, m.groupdict().get("instance_id"))
+        if self.loose_guarded(request.method, request.rel_url.raw_path) is not None:
+            return await self.guarded(request)  # a guarded route spelled another way
         headers = forwardable(request.headers)
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
@@ -414,9 +445,9 @@ class Proxy:
                                  headers=forwardable(resp.headers))
         if resp.content_length is not None:
             out.content_length = resp.content_length
-        if request.path == "/instance" and resp.status == 200:
+        if request.path.rstrip("/").lower() in VERDICT_ROUTES and resp.status < 500:
             body = await resp.read()
-            self._learn_jid(request, body)
+            self._learn_verdict(request, resp.status, body)
             out.content_length = len(body)
             await out.prepare(request)
             await out.write(body)
@@ -427,16 +458,17 @@ class Proxy:
         await out.write_eof()
         return out
 
-    def _learn_jid(self, request: web.Request, body: bytes) -> None:
-        instance_id = request.query.get("instance_id")
-        if not instance_id:
+    def _learn_verdict(self, request: web.Request, status: int, body: bytes) -> None:
+        """api-blast's answer to a route that runs its token gate says whether the token
+        opens the instance (and ``/instance`` names its phone jid)."""
+        instance_ids = request.query.getall("instance_id", [])
+        tokens = request.query.getall("access_token", [])
+        if len(instance_ids) != 1 or len(tokens) > 1:
+            return  # api-blast saw an array, or no token: its answer says nothing of a pair
+        instance_id = instance_ids[0]
+        if not self._id_pattern.fullmatch(instance_id):
             return
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            return
-        if isinstance(doc, dict):
-            self.auth.learn(instance_id, doc)
+        self.auth.learn_answer(instance_id, tokens[0] if tokens else None, status, body)
 
     async def wait_inline(self, deadline_s: float) -> None:
         """Let inline attempts finish (shutdown), at most ``deadline_s``."""

@@ -275,13 +275,14 @@ def parse_response(head: bytes, head_request: bool) -> tuple[int, list[bytes], i
 
 class LocalRoutes:
     """The paths the aiohttp application routes itself (everything but the catch-all
-    pass-through resource), plus ``/instance`` (its answer is read by the pass-through) and
+    pass-through resource), plus ``/instance`` and ``/get_groups`` (their answers are read by
+    the pass-through: token verdicts, the phone jid) and
     those ``also`` names."""
 
     def __init__(self, app: web.Application, pass_through: Any,
                  also: Callable[[str], bool] | None = None) -> None:
         self.also = also  # more paths for aiohttp (a guarded route spelled another way)
-        self.plain: set[bytes] = {b"/instance"}
+        self.plain: set[bytes] = {b"/instance", b"/get_groups"}
         self.patterns: list[re.Pattern[str]] = []
         self.prefixes: list[bytes] = []
         for resource in app.router.resources():

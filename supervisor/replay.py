@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import json
 import logging
 import math
 import random
@@ -32,7 +33,7 @@ from .journal import (
     Progress,
 )
 from .outcome import Outcome, OutcomeKind
-from .sessions import GateAction, Sessions
+from .sessions import GateAction, Sessions, SessionState
 from .upstream import SendResult
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,19 @@ class ItemQueue:
         """The monotonic not-before time of the head (the queue must not be empty)."""
         return self._next[self._h]
 
+    def first_due(self, now: float, start: int = 0) -> int:
+        """0-based place of the first message at or after ``start`` whose not-before time
+        has come, or -1. Messages backing off are passed over: the ones behind them go on."""
+        nxt, h = self._next, self._h
+        for j in range(h + start, len(nxt)):
+            if nxt[j] <= now:
+                return j - h
+        return -1
+
+    def earliest(self) -> float:
+        """The earliest not-before time of all (the queue must not be empty)."""
+        return min(self._next[self._h:])
+
     def counts(self) -> tuple[int, int, int]:
         """``(queued, retrying, unknown)``: never attempted, attempted, outcome unknown."""
         code, h, n = _CODE[MessageState.UNKNOWN], self._h, len(self._seq)
@@ -274,6 +288,31 @@ class ItemQueue:
             del col[where]
 
 
+@dataclass(frozen=True, slots=True)
+class Suspect:
+    """A message api-blast did not send while its session looked up (no drop signal near the
+    answer): the attempt counts against the message unless a drop signal comes by ``until``."""
+
+    failed_at: float  # monotonic time of the answer
+    until: float  # monotonic time of the decision
+    detail: str  # what api-blast answered
+
+
+@dataclass(frozen=True, slots=True)
+class Blame:
+    """Who a "not sent" answer is put down to."""
+
+    session: bool  # True: the session (held, not counted); False: the message (a suspect)
+    why: str
+
+
+def attempt_note(at: float, attempt: int, outcome: str, counted: bool | None, why: str) -> str:
+    """One entry of a message's attempt history (``GET /supervisor/messages/{id}``):
+    ``counted`` None means "decided when the drop window ends"."""
+    return json.dumps({"at": round(at, 3), "attempt": attempt, "outcome": outcome,
+                       "counted": counted, "why": why}, ensure_ascii=False)
+
+
 @dataclass(slots=True)
 class Lane:
     """One instance's queue."""
@@ -285,6 +324,13 @@ class Lane:
     last_send_at: float = -math.inf  # monotonic time of the last send (pacing)
     previous_send_at: float = -math.inf  # last_send_at before an inline reservation
     unavailable_streak: int = 0
+    blocked_until: float = -math.inf  # api-blast unreachable: nothing is sent before this
+    # "not sent" answers in a row (nothing delivered between them) since run_started_at
+    not_sent_run: int = 0
+    run_started_at: float = -math.inf
+    failed_probe: str | None = None  # the message of the last failed probe: the next takes another
+    # Messages not sent while the session looked up: judged when their window ends.
+    suspects: dict[str, Suspect] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -474,30 +520,50 @@ class Replayer:
     async def _run_lane(self, lane: Lane) -> None:
         while not self._stopping:
             lane.wake.clear()
-            action, timeout = self._next_step(lane)
+            if lane.suspects:
+                await self._judge_suspects(lane)
+            action, at, timeout = self._next_step(lane)
             if action is not None:
-                item = lane.items.popleft()
+                item = lane.items.pop(at)
                 lane.in_flight = item.id
                 lane.last_send_at = self.clock.monotonic()
                 await self._replay_one(lane, item, action is GateAction.PROBE)
                 continue
             await self.clock.wait(lane.wake, timeout)
 
-    def _next_step(self, lane: Lane) -> tuple[GateAction | None, float | None]:
-        """``(SEND|PROBE, None)`` to send the head now, else ``(None, seconds to sleep)``
-        (``None`` seconds: until woken)."""
+    def _next_step(self, lane: Lane) -> tuple[GateAction | None, int, float | None]:
+        """``(SEND|PROBE, place, None)`` to send the message at ``place`` now, else
+        ``(None, -1, seconds to sleep)`` (``None`` seconds: until woken).
+
+        The oldest message whose backoff is over goes first: one that is backing off does
+        not hold the messages behind it. A probe after a failed probe takes another message.
+        """
+        judge_in = self._next_judgement(lane)
         if (lane.in_flight is not None or not lane.items or lane.instance_id in self.paused
                 or not self.sending):
-            return None, None
+            return None, -1, judge_in
         now = self.clock.monotonic()
         gate = self.sessions.gate(lane.instance_id, now)
         if gate.action is GateAction.HOLD:
-            return None, None if gate.until is None else max(0.001, gate.until - now)
-        ready_at = max(lane.items.head_next_at(),
-                       lane.last_send_at + self.cfg.process_interval_s)
-        if ready_at > now:
-            return None, ready_at - now
-        return gate.action, None
+            wait = None if gate.until is None else max(0.001, gate.until - now)
+            return None, -1, _sooner(wait, judge_in)
+        not_before = max(lane.blocked_until, lane.last_send_at + self.cfg.process_interval_s)
+        at = lane.items.first_due(now) if not_before <= now else -1
+        if at < 0:
+            due = lane.items.earliest() if not_before <= now else not_before
+            return None, -1, _sooner(max(0.001, max(due, not_before) - now), judge_in)
+        if gate.action is GateAction.PROBE and lane.items[at].id == lane.failed_probe:
+            other = lane.items.first_due(now, at + 1)
+            if other >= 0:
+                at = other
+        return gate.action, at, None
+
+    def _next_judgement(self, lane: Lane) -> float | None:
+        """Seconds until the first suspect is judged (None: no suspect)."""
+        if not lane.suspects:
+            return None
+        first = min(sus.until for sus in lane.suspects.values())
+        return max(0.001, first - self.clock.monotonic())
 
     async def _replay_one(self, lane: Lane, item: Item, probe: bool) -> None:
         self._idle.clear()
@@ -533,21 +599,21 @@ class Replayer:
         Returns the item when it went back to the lane, else None.
         """
         now_mono, now_wall = self.clock.monotonic(), self.clock.time()
-        progress, next_at = self.progress(item, outcome, lane, now_wall)
-        if outcome.kind is OutcomeKind.DELIVERED:
-            self.sessions.note_send(lane.instance_id, True, now_mono)
-        elif outcome.kind is OutcomeKind.NOT_READY:
-            self.sessions.note_send(lane.instance_id, False, now_mono)
+        kind = outcome.kind
+        blame = self.blame(lane, now_mono) if kind is OutcomeKind.NOT_SENT else None
         lane.unavailable_streak = (lane.unavailable_streak + 1
-                                   if outcome.kind is OutcomeKind.UNAVAILABLE else 0)
-        try:
-            await self.journal.record(item.id, progress, now_wall)
-            self.unrecorded.pop(item.id, None)
-        except JournalError as exc:
-            # The row keeps its previous state (``sending``): recorded again once the journal
-            # recovers (record_pending); a restart before that treats it as unknown.
-            log.error("could not record the outcome of %s: %s", item.id, exc.cause)
-            self.unrecorded[item.id] = (progress, now_wall)
+                                   if kind is OutcomeKind.UNAVAILABLE else 0)
+        progress, next_at = self.progress(item, outcome, lane, now_wall, blame)
+        if kind is OutcomeKind.DELIVERED:
+            self.sessions.note_send(lane.instance_id, True, now_mono)
+            lane.not_sent_run, lane.failed_probe = 0, None
+        elif kind is OutcomeKind.NOT_READY:
+            self.sessions.note_send(lane.instance_id, False, now_mono)
+        elif kind is OutcomeKind.UNAVAILABLE:
+            lane.blocked_until = next_at
+        elif blame is not None:
+            self._not_sent(lane, item, outcome, blame, probe, now_mono)
+        await self._record(item.id, progress)
         if self.on_outcome is not None:
             self.on_outcome(lane.instance_id, outcome, probe)
         requeued: Item | None = None
@@ -562,13 +628,121 @@ class Replayer:
         self._settle_idle()
         if self.on_settled is not None:
             self.on_settled(lane, progress)
-        log.info("send %s for %s: %s%s", item.id, lane.instance_id, outcome.kind.value,
-                 f" ({outcome.detail})" if outcome.detail else "")
+        log.info("send %s for %s: %s%s%s", item.id, lane.instance_id, outcome.kind.value,
+                 f" ({outcome.detail})" if outcome.detail else "",
+                 "" if blame is None else
+                 f"; not counted: {blame.why}" if blame.session else
+                 f"; counts against this message unless the session drops within "
+                 f"{self.sessions.cfg.drop_window_s:g} s")
         return requeued
 
-    def progress(self, item: Item, outcome: Outcome, lane: Lane,
-                 now_wall: float) -> tuple[Progress, float]:
-        """The journal fields after ``outcome``, and the monotonic time of the next attempt."""
+    def blame(self, lane: Lane, now: float) -> Blame:
+        """Who a "not sent" answer at ``now`` is put down to (see :meth:`_not_sent`)."""
+        iid = lane.instance_id
+        cfg = self.sessions.cfg
+        session = self.sessions.get(iid)
+        if session.state is SessionState.READY and session.changed_at > lane.run_started_at:
+            lane.not_sent_run = 0  # the session became ready since the run began: a new run
+        drop_at = self.sessions.dropped_since(iid, now - cfg.drop_window_s)
+        if drop_at is not None:
+            return Blame(True, f"a drop signal of the session ({session.last_event or 'drop'}) "
+                               f"came {now - drop_at:.1f} s before the answer")
+        if lane.not_sent_run + 1 >= cfg.not_sent_streak:
+            return Blame(True, f"{lane.not_sent_run + 1} sends in a row were not sent with "
+                               f"nothing delivered between them (session.not_sent_streak): "
+                               f"the session is taken to be down")
+        return Blame(False, "no drop signal of the session near the answer")
+
+    def _not_sent(self, lane: Lane, item: Item, outcome: Outcome, blame: Blame, probe: bool,
+                  now: float) -> None:
+        """api-blast did not send ``item``. Blamed on the session, the instance is held as
+        before (a probe's failure holds it and backs off the next probe); blamed on the
+        message, the instance goes on and the message waits to be judged."""
+        if lane.not_sent_run == 0:
+            lane.run_started_at = now
+        lane.not_sent_run += 1
+        if probe:
+            lane.failed_probe = item.id
+        state = self.sessions.get(lane.instance_id).state
+        if blame.session:
+            if probe or state is SessionState.READY:
+                self.sessions.note_send(lane.instance_id, False, now)
+            return
+        if probe and state not in (SessionState.READY, SessionState.UNKNOWN):
+            self.sessions.note_probe_failed(lane.instance_id, now)
+        window = self.sessions.cfg.drop_window_s
+        lane.suspects[item.id] = Suspect(now, now + window, outcome.detail)
+
+    async def _judge_suspects(self, lane: Lane) -> None:
+        """Decide the suspects whose window is over: a drop signal since the answer clears
+        the attempt (the message keeps its place); none counts it as a failed attempt
+        (backoff, or ``dead`` after ``max_retries``)."""
+        now_mono = self.clock.monotonic()
+        for message_id, sus in list(lane.suspects.items()):
+            if sus.until > now_mono:
+                continue
+            del lane.suspects[message_id]
+            item = lane.items.take(message_id)
+            if item is None:
+                continue  # cancelled or requeued by an admin meanwhile
+            drop_at = self.sessions.dropped_since(lane.instance_id, sus.failed_at)
+            progress, next_at = self.judgement(item, sus, drop_at, self.clock.time())
+            await self._record(item.id, progress)
+            if progress.state is MessageState.QUEUED:
+                item.failures, item.next_at = progress.failures, next_at
+                lane.items.add(item)
+            if self.on_settled is not None:
+                self.on_settled(lane, progress)
+            log.info("send %s for %s: the 'not sent' answer of attempt %d %s", item.id,
+                     lane.instance_id, item.attempts,
+                     "is not counted: the session dropped" if drop_at is not None else
+                     f"counts as failed attempt {progress.failures}"
+                     f"{' (dead)' if progress.state is MessageState.DEAD else ''}")
+
+    def judgement(self, item: Item, sus: Suspect, drop_at: float | None,
+                  now_wall: float) -> tuple[Progress, float]:
+        """The journal fields of a suspect once judged, and its next monotonic send time."""
+        now = self.clock.monotonic()
+        if drop_at is not None:
+            why = (f"not counted: a drop signal of the session came {drop_at - sus.failed_at:.1f}"
+                   f" s after the answer")
+            return Progress(MessageState.QUEUED, item.attempts, item.failures,
+                            item.unknown_count, now_wall, f"{sus.detail}; {why}",
+                            note=attempt_note(now_wall, item.attempts, "not_sent", False,
+                                              why)), now
+        failures = item.failures + 1
+        why = (f"counted: no drop signal of the session within "
+               f"{self.sessions.cfg.drop_window_s:g} s of the answer, so api-blast could not "
+               f"send this message (a chat_id or media_url it cannot use?)")
+        error = f"{sus.detail}; {why}"
+        if failures >= max(1, self.cfg.max_retries):
+            return Progress(MessageState.DEAD, item.attempts, failures, item.unknown_count,
+                            now_wall, f"{error}; gave up after {failures} failed attempts "
+                                      f"(queue.max_retries)",
+                            note=attempt_note(now_wall, item.attempts, "not_sent", True,
+                                              why)), now
+        delay = next_delay_s(failures, self.cfg, self.rng.random())
+        return Progress(MessageState.QUEUED, item.attempts, failures, item.unknown_count,
+                        now_wall + delay, error,
+                        note=attempt_note(now_wall, item.attempts, "not_sent", True,
+                                          why)), now + delay
+
+    async def _record(self, message_id: str, progress: Progress) -> None:
+        """Store ``progress``; kept for :meth:`record_pending` when the journal fails."""
+        now_wall = self.clock.time()
+        try:
+            await self.journal.record(message_id, progress, now_wall)
+            self.unrecorded.pop(message_id, None)
+        except JournalError as exc:
+            # The row keeps its previous state: recorded again once the journal recovers
+            # (record_pending); a restart before that treats it as unknown.
+            log.error("could not record the outcome of %s: %s", message_id, exc.cause)
+            self.unrecorded[message_id] = (progress, now_wall)
+
+    def progress(self, item: Item, outcome: Outcome, lane: Lane, now_wall: float,
+                 blame: Blame | None = None) -> tuple[Progress, float]:
+        """The journal fields after ``outcome`` (a "not sent" one put down to ``blame``), and
+        the monotonic time of the next attempt."""
         now = self.clock.monotonic()
         attempts, failures, unknown = item.attempts, item.failures, item.unknown_count
         kind = outcome.kind
@@ -597,11 +771,32 @@ class Replayer:
         elif kind is OutcomeKind.FAILED:
             next_at = now + next_delay_s(failures, self.cfg, self.rng.random())
         elif kind is OutcomeKind.UNAVAILABLE:
-            next_at = now + next_delay_s(lane.unavailable_streak + 1, self.cfg, self.rng.random())
-        # NOT_READY: the session gate holds the lane; no backoff on the message itself.
+            # The lane waits (blocked_until), the message keeps its place.
+            next_at = now + next_delay_s(max(1, lane.unavailable_streak), self.cfg,
+                                         self.rng.random())
+        elif kind is OutcomeKind.NOT_SENT and blame is not None and not blame.session:
+            # Judged when the drop window ends (_judge_suspects); meanwhile it is not sent.
+            next_at = now + self.sessions.cfg.drop_window_s
+        # NOT_READY, NOT_SENT put down to the session: the session gate holds the lane; no
+        # backoff on the message itself.
         wall_next = now_wall + (next_at - now)
+        if kind is OutcomeKind.UNAVAILABLE:
+            note = None  # nothing reached api-blast: not an attempt
+        elif blame is not None:
+            why = (f"not counted: {blame.why}" if blame.session else
+                   f"{blame.why}: counts against this message unless the session drops "
+                   f"within {self.sessions.cfg.drop_window_s:g} s")
+            error = f"{error}; {why}"
+            note = attempt_note(now_wall, attempts, kind.value,
+                                False if blame.session else None, why)
+        else:
+            counted = outcome.counts_as_failure or kind is OutcomeKind.PERMANENT
+            why = ("delivered" if kind is OutcomeKind.DELIVERED else
+                   "counted" if counted else "not counted: the session was not ready")
+            note = attempt_note(now_wall, attempts, kind.value, counted,
+                                f"{why}{': ' + outcome.detail if outcome.detail else ''}")
         return Progress(state, attempts, failures, unknown, wall_next, error,
-                        outcome.message_key_id), next_at
+                        outcome.message_key_id, note), next_at
 
     # ------------------------------------------------------------------ shutdown
 
@@ -640,3 +835,10 @@ class Replayer:
     def queued_total(self) -> int:
         """Messages waiting or in flight, all instances."""
         return sum(lane.depth for lane in self.lanes.values())
+
+
+def _sooner(a: float | None, b: float | None) -> float | None:
+    """The shorter of two waits (None: no limit)."""
+    if a is None:
+        return b
+    return a if b is None else min(a, b)

@@ -65,6 +65,10 @@ class Session:
     dropped_at: float | None = None  # when it last stopped being ready
     last_event: str | None = None
     last_event_at: float | None = None
+    # The latest drop signal of any kind (also one that did not change the state, such as the
+    # close after a 440): a send's "not sent" answer near it blames the session, not the
+    # message (replay.py). Not stored: it matters for seconds only.
+    last_drop_at: float | None = None
     conflicts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
 
     def view_state(self, now: float, timeout_s: float) -> SessionState:
@@ -174,6 +178,7 @@ class Sessions:
         """Apply an attributed event; returns the instances whose gate may have changed."""
         if event.kind is EventKind.UPSTREAM_STARTED:
             for s in self._by_id.values():
+                s.last_drop_at = now
                 self._set(s, SessionState.UNKNOWN, None, now)
                 s.dropped_at = None
                 s.guessed = False
@@ -186,6 +191,8 @@ class Sessions:
         s.last_event = event.kind.value
         s.last_event_at = now
         guessed = event.attribution != ATTRIBUTION_ID
+        if event.kind is not EventKind.READY:
+            s.last_drop_at = now
         if event.kind is EventKind.READY:
             self._on_ready(s, now)
         elif event.kind is EventKind.CONFLICT:
@@ -209,7 +216,8 @@ class Sessions:
         return [s.instance_id]
 
     def note_send(self, instance_id: str, delivered: bool, now: float) -> None:
-        """A send's answer is evidence: delivered means ready, 'not sent' means not ready."""
+        """A send's answer is evidence: delivered means ready; 'not sent' near a drop signal
+        (replay.py decides) means not ready."""
         s = self.get(instance_id)
         if delivered:
             s.probe_failures = 0
@@ -220,8 +228,42 @@ class Sessions:
             return
         if s.state in (SessionState.READY, SessionState.UNKNOWN):
             self._drop(s, SessionState.DISCONNECTED, None, now, guessed=True)
+        self.note_probe_failed(instance_id, now)
+
+    def note_probe_failed(self, instance_id: str, now: float) -> None:
+        """A probe was not sent: the next one waits for the probe backoff (the state stays)."""
+        s = self.get(instance_id)
         s.probe_failures += 1
         s.probe_at = now + self._probe_backoff(s.probe_failures)
+
+    def dropped_since(self, instance_id: str, since: float) -> float | None:
+        """The time of a drop signal of ``instance_id`` at or after ``since``, else None."""
+        s = self._by_id.get(instance_id)
+        if s is None or s.last_drop_at is None or s.last_drop_at < since:
+            return None
+        return s.last_drop_at
+
+    def note_relogin(self, instance_id: str, now: float) -> bool:
+        """api-blast said the instance has no logged-in WhatsApp account (``relogin: true``):
+        sends wait for a QR scan. Returns whether the state changed."""
+        s = self.get(instance_id)
+        if s.state in (SessionState.NEEDS_QR, SessionState.LOGGED_OUT):
+            return False
+        s.last_event, s.last_event_at = "relogin", now
+        self._drop(s, SessionState.NEEDS_QR, None, now, guessed=False)
+        return True
+
+    def note_credentials(self, instance_id: str, now: float) -> bool:
+        """api-blast said the instance has a logged-in account (``GET /instance`` data): a
+        wait for a QR scan is over; the next send probes (credentials do not mean
+        connected). Returns whether the state changed."""
+        s = self._by_id.get(instance_id)
+        if s is None or s.state is not SessionState.NEEDS_QR:
+            return False
+        self._set(s, SessionState.UNKNOWN, None, now)
+        s.dropped_at = None
+        s.guessed = False
+        return True
 
     # ------------------------------------------------------------------ the question
 

@@ -157,6 +157,6 @@ def test_progress_dead_says_why(cfg: QueueConfig, outcome: Outcome, words: str) 
 def test_progress_unavailable_backs_off_with_the_lane_streak() -> None:
     """Repeated unreachable answers back off by the lane's streak, not the message's failures."""
     replayer = _replayer(CFG, FakeClock(start=0.0))
-    lane = Lane("X", unavailable_streak=2)
+    lane = Lane("X", unavailable_streak=3)  # this answer is the third in a row
     _, next_at = replayer.progress(Item(1, "m1", 0.0), Outcome(OK.UNAVAILABLE), lane, WALL)
     assert next_at == pytest.approx(20.0)
