@@ -445,7 +445,9 @@ class Proxy:
                                  headers=forwardable(resp.headers))
         if resp.content_length is not None:
             out.content_length = resp.content_length
-        if request.path.rstrip("/").lower() in VERDICT_ROUTES and resp.status < 500:
+        route = request.rel_url.raw_path.lower()  # as Express routes it: raw, any case
+        if (route[:-1] if route.endswith("/") else route) in VERDICT_ROUTES \
+                and resp.status < 500:
             body = await resp.read()
             self._learn_verdict(request, resp.status, body)
             out.content_length = len(body)

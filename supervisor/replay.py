@@ -674,18 +674,18 @@ class Replayer:
         lane.suspects[item.id] = Suspect(now, now + window, outcome.detail)
 
     async def _judge_suspects(self, lane: Lane) -> None:
-        """Decide the suspects whose window is over: a drop signal since the answer clears
-        the attempt (the message keeps its place); none counts it as a failed attempt
-        (backoff, or ``dead`` after ``max_retries``)."""
+        """Decide the suspects: a drop signal since the answer clears the attempt at once (the
+        message takes its place back); none by the end of the window counts it as a failed
+        attempt (backoff, or ``dead`` after ``max_retries``)."""
         now_mono = self.clock.monotonic()
         for message_id, sus in list(lane.suspects.items()):
-            if sus.until > now_mono:
-                continue
+            drop_at = self.sessions.dropped_since(lane.instance_id, sus.failed_at)
+            if sus.until > now_mono and drop_at is None:
+                continue  # a drop signal clears it at once (it takes its place back)
             del lane.suspects[message_id]
             item = lane.items.take(message_id)
             if item is None:
                 continue  # cancelled or requeued by an admin meanwhile
-            drop_at = self.sessions.dropped_since(lane.instance_id, sus.failed_at)
             progress, next_at = self.judgement(item, sus, drop_at, self.clock.time())
             await self._record(item.id, progress)
             if progress.state is MessageState.QUEUED:

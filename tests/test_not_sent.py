@@ -8,6 +8,7 @@ In-process: a real journal file, a fake clock, a scripted sender.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -223,7 +224,7 @@ async def test_a_silent_outage_is_blamed_on_the_session_after_the_streak(journal
     await run_for(replayer, clock, 30.0)
     assert sessions.get(INST).state is SessionState.DISCONNECTED
     probes = sender.ids()[3:]
-    assert probes and all(a != b for a, b in zip(probes, probes[1:], strict=False)), probes
+    assert probes and all(a != b for a, b in itertools.pairwise(probes)), probes
     rows = [await journal.get(m) for m in ids]
     assert all(r is not None and r.state is MessageState.QUEUED for r in rows)
     assert sum(r.failures for r in rows if r is not None) <= 2, "at most the first run counts"
