@@ -195,6 +195,10 @@ class ItemQueue:
                 return j - h
         return -1
 
+    def after(self, seq: int) -> int:
+        """0-based place of the first message whose seq is above ``seq``."""
+        return bisect.bisect_right(self._seq, seq, self._h) - self._h
+
     def earliest(self) -> float:
         """The earliest not-before time of all (the queue must not be empty)."""
         return min(self._next[self._h:])
@@ -325,10 +329,12 @@ class Lane:
     previous_send_at: float = -math.inf  # last_send_at before an inline reservation
     unavailable_streak: int = 0
     blocked_until: float = -math.inf  # api-blast unreachable: nothing is sent before this
-    # "not sent" answers in a row (nothing delivered between them) since run_started_at
-    not_sent_run: int = 0
+    # Messages not sent since the last delivery (and since run_started_at): a run of distinct
+    # ones blames the session (session.not_sent_streak).
+    not_sent_run: set[str] = field(default_factory=set)
     run_started_at: float = -math.inf
-    failed_probe: str | None = None  # the message of the last failed probe: the next takes another
+    # The seq of the last failed probe: the next probe takes the next message (round robin).
+    failed_probe: int | None = None
     # Messages not sent while the session looked up: judged when their window ends.
     suspects: dict[str, Suspect] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -552,10 +558,11 @@ class Replayer:
         if at < 0:
             due = lane.items.earliest() if not_before <= now else not_before
             return None, -1, _sooner(max(0.001, max(due, not_before) - now), judge_in)
-        if gate.action is GateAction.PROBE and lane.items[at].id == lane.failed_probe:
-            other = lane.items.first_due(now, at + 1)
-            if other >= 0:
-                at = other
+        if gate.action is GateAction.PROBE and lane.failed_probe is not None:
+            # Round robin: the first due message after the one that failed the last probe.
+            after = lane.items.first_due(now, lane.items.after(lane.failed_probe))
+            if after >= 0:
+                at = after
         return gate.action, at, None
 
     def _next_judgement(self, lane: Lane) -> float | None:
@@ -600,13 +607,14 @@ class Replayer:
         """
         now_mono, now_wall = self.clock.monotonic(), self.clock.time()
         kind = outcome.kind
-        blame = self.blame(lane, now_mono) if kind is OutcomeKind.NOT_SENT else None
+        blame = self.blame(lane, item.id, now_mono) if kind is OutcomeKind.NOT_SENT else None
         lane.unavailable_streak = (lane.unavailable_streak + 1
                                    if kind is OutcomeKind.UNAVAILABLE else 0)
         progress, next_at = self.progress(item, outcome, lane, now_wall, blame)
         if kind is OutcomeKind.DELIVERED:
             self.sessions.note_send(lane.instance_id, True, now_mono)
-            lane.not_sent_run, lane.failed_probe = 0, None
+            lane.not_sent_run.clear()
+            lane.failed_probe = None
         elif kind is OutcomeKind.NOT_READY:
             self.sessions.note_send(lane.instance_id, False, now_mono)
         elif kind is OutcomeKind.UNAVAILABLE:
@@ -636,21 +644,23 @@ class Replayer:
                  f"{self.sessions.cfg.drop_window_s:g} s")
         return requeued
 
-    def blame(self, lane: Lane, now: float) -> Blame:
-        """Who a "not sent" answer at ``now`` is put down to (see :meth:`_not_sent`)."""
+    def blame(self, lane: Lane, message_id: str, now: float) -> Blame:
+        """Who the "not sent" answer for ``message_id`` at ``now`` is put down to (see
+        :meth:`_not_sent`)."""
         iid = lane.instance_id
         cfg = self.sessions.cfg
         session = self.sessions.get(iid)
         if session.state is SessionState.READY and session.changed_at > lane.run_started_at:
-            lane.not_sent_run = 0  # the session became ready since the run began: a new run
+            lane.not_sent_run.clear()  # the session became ready since the run began
         drop_at = self.sessions.dropped_since(iid, now - cfg.drop_window_s)
         if drop_at is not None:
             return Blame(True, f"a drop signal of the session ({session.last_event or 'drop'}) "
                                f"came {now - drop_at:.1f} s before the answer")
-        if lane.not_sent_run + 1 >= cfg.not_sent_streak:
-            return Blame(True, f"{lane.not_sent_run + 1} sends in a row were not sent with "
-                               f"nothing delivered between them (session.not_sent_streak): "
-                               f"the session is taken to be down")
+        run = len(lane.not_sent_run | {message_id})
+        if run >= cfg.not_sent_streak:
+            return Blame(True, f"{run} different messages in a row were not sent with nothing "
+                               f"delivered between them (session.not_sent_streak): the "
+                               f"session is taken to be down")
         return Blame(False, "no drop signal of the session near the answer")
 
     def _not_sent(self, lane: Lane, item: Item, outcome: Outcome, blame: Blame, probe: bool,
@@ -658,11 +668,11 @@ class Replayer:
         """api-blast did not send ``item``. Blamed on the session, the instance is held as
         before (a probe's failure holds it and backs off the next probe); blamed on the
         message, the instance goes on and the message waits to be judged."""
-        if lane.not_sent_run == 0:
+        if not lane.not_sent_run:
             lane.run_started_at = now
-        lane.not_sent_run += 1
+        lane.not_sent_run.add(item.id)
         if probe:
-            lane.failed_probe = item.id
+            lane.failed_probe = item.seq
         state = self.sessions.get(lane.instance_id).state
         if blame.session:
             if probe or state is SessionState.READY:
