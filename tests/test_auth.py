@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import secrets
+import signal
+import sqlite3
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import (
     INSTANCE,
+    REPO,
     TOKEN,
     Child,
     free_port,
@@ -16,8 +21,18 @@ from conftest import (
     start_simulator,
     start_supervisor,
     supervisor_config,
+    wait_until,
 )
-from sending import acked_id, health, listing, send, sim_calls, sim_sent, wait_delivered
+from sending import (
+    acked_id,
+    health,
+    listing,
+    send,
+    sim,
+    sim_calls,
+    sim_sent,
+    wait_delivered,
+)
 
 from supervisor.config import ConfigError, parse_config
 
@@ -137,3 +152,111 @@ def test_queue_status_needs_the_instance_token(tmp_path: Path, children: list[Ch
     assert status == 403 and doc["status"] == "error", doc
     status, _, doc = http("GET", f"{url}?access_token={TOKEN}")
     assert status == 200 and doc["message"] == "Queue status retrieved", doc
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdicts from api-blast's real answers, trusted through outages (auth.mode upstream)
+
+
+def _upstream_config(tmp_path: Path, sim_port: int, log: Path, **auth: object
+                     ) -> tuple[Path, int]:
+    return supervisor_config(tmp_path, sim_port, log,
+                             auth={"mode": "upstream", "tokens": {}, **auth},
+                             upstream={"connect_timeout_s": 0.5})
+
+
+def _simulator_on(children: list[Child], tmp_path: Path, log: Path, port: int,
+                  *extra: str) -> Child:
+    """The simulator on a given port (to stop it and start it again where it was)."""
+    child = Child([sys.executable, "-m", "supervisor", "simulate", "--port", str(port),
+                   "--log", str(log), "--instance", f"{INSTANCE}:{TOKEN}", *extra],
+                  tmp_path / f"simulator-{port}-{len(children)}.out", cwd=REPO)
+    children.append(child)
+    child.wait_for_output("simulator listening on")
+    return child
+
+
+def _instance_state(port: int) -> str:
+    doc = http("GET", f"http://127.0.0.1:{port}/supervisor/instances")[2]
+    found = [i for i in doc["instances"] if i["instance_id"] == INSTANCE]
+    return str(found[0]["session"]["state"]) if found else "absent"
+
+
+def test_a_valid_token_on_an_instance_never_paired_is_held_until_the_qr_scan(
+        tmp_path: Path, children: list[Child]) -> None:
+    """api-blast answers relogin: true for a valid token whose instance has no logged-in
+    account: the send is journaled (202) and held, the instance shows needs_qr and health
+    says to scan the QR code; once paired, the send is delivered."""
+    log = tmp_path / "api-blast.log"
+    _sim, sim_port = start_simulator(children, tmp_path, log, "--unpaired", INSTANCE)
+    config, port = _upstream_config(tmp_path, sim_port, log)
+    start_supervisor(children, tmp_path, config, port)
+    status, headers, doc = send(port, "after the scan", _path(TOKEN))
+    assert status == 202 and doc["queued"] is True, doc
+    mid = acked_id(status, headers, doc)
+    assert _instance_state(port) == "needs_qr"
+    view = http("GET", f"http://127.0.0.1:{port}/supervisor/instances")[2]["instances"][0]
+    assert view["health"] == "critical", view
+    assert "scan the QR code" in json.dumps(view["recommendations"]), view
+    assert sim_sent(sim_port) == []
+    sim(sim_port, "login")
+    wait_delivered(port, [mid])
+    assert [s["caption"] for s in sim_sent(sim_port)] == ["after the scan"]
+
+
+def test_verified_senders_are_let_in_through_an_outage_and_a_restart(
+        tmp_path: Path, children: list[Child]) -> None:
+    """A pair api-blast accepted stays trusted while api-blast is down, however long (its
+    last check older than auth.cache_ttl_s), and after a restart of the daemon: its sends are
+    journaled (202) and delivered once api-blast is back. A pair never verified gets 503 while
+    api-blast cannot be asked. The verdict store holds a keyed hash, not the token."""
+    log = tmp_path / "api-blast.log"
+    sim_port = free_port()
+    api_blast = _simulator_on(children, tmp_path, log, sim_port)
+    config, port = _upstream_config(tmp_path, sim_port, log, cache_ttl_s=0)
+    daemon = start_supervisor(children, tmp_path, config, port)
+    ids = [acked_id(*send(port, "m0", _path(TOKEN)))]
+    wait_delivered(port, ids)
+    api_blast.stop(signal.SIGKILL)  # api-blast down, for longer than any cache
+    for caption in ("m1", "m2"):
+        status, headers, doc = send(port, caption, _path(TOKEN))
+        assert status == 202, doc
+        ids.append(acked_id(status, headers, doc))
+    status, _, doc = send(port, "stranger", _path("0000000000000"))
+    assert status == 503 and "never verified" in doc["message"], doc
+    daemon.stop()
+    start_supervisor(children, tmp_path, config, port, name="supervisor-2")
+    status, headers, doc = send(port, "m3", _path(TOKEN))
+    assert status == 202, doc
+    ids.append(acked_id(status, headers, doc))
+    _simulator_on(children, tmp_path, log, sim_port)
+    wait_delivered(port, ids)
+    assert [s["caption"] for s in sim_sent(sim_port)] == ["m1", "m2", "m3"]
+    db = sqlite3.connect(tmp_path / "state" / "journal.sqlite3")
+    try:
+        trusted = db.execute("SELECT instance_id, token_hash FROM trusted_tokens").fetchall()
+    finally:
+        db.close()
+    assert len(trusted) == 1 and trusted[0][0] == INSTANCE
+    assert TOKEN not in trusted[0][1] and len(trusted[0][1]) == 64
+
+
+def test_a_token_api_blast_starts_refusing_is_refused_from_then_on(
+        tmp_path: Path, children: list[Child]) -> None:
+    """A trusted pair that api-blast starts refusing ("has been invalidated") is refused
+    (403) as soon as the daemon hears it, from a background re-check or from a send's
+    answer, and from then on nothing more is journaled for it."""
+    log = tmp_path / "api-blast.log"
+    _sim, sim_port = start_simulator(children, tmp_path, log)
+    config, port = _upstream_config(tmp_path, sim_port, log, cache_ttl_s=0)
+    start_supervisor(children, tmp_path, config, port)
+    wait_delivered(port, [acked_id(*send(port, "before", _path(TOKEN)))])
+    sim(sim_port, "revoke")
+    wait_until(lambda: send(port, "after", _path(TOKEN))[0] == 403, 10,
+               "a send with the revoked token to be refused")
+    journaled = len(listing(port))
+    for _ in range(3):
+        status, _, doc = send(port, "again", _path(TOKEN))
+        assert status == 403 and "api-blast refused it" in doc["message"], doc
+    assert len(listing(port)) == journaled
+    assert [s["caption"] for s in sim_sent(sim_port)] == ["before"]
