@@ -112,7 +112,8 @@ class Metrics:
         i = ["instance_id"]
         self.sends = Counter(
             "blast_supervisor_sends", "Send attempts to api-blast by outcome (delivered, "
-            "not_ready, unavailable, failed, unknown, permanent).", [*i, "outcome"], registry=r)
+            "not_sent, not_ready, unavailable, failed, unknown, permanent).", [*i, "outcome"],
+            registry=r)
         self.probes = Counter(
             "blast_supervisor_probe_sends", "Sends used as a probe of an uncertain session.", i,
             registry=r)

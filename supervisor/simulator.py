@@ -5,11 +5,35 @@ WhatsApp account, and the failure the supervisor exists for (a 440 "conflict / r
 error while messages flow) cannot be produced on demand. This module imitates both halves of what
 the supervisor sees:
 
-* the HTTP surface: same routes, same bodies, HTTP 200 for almost everything, and the real
-  failure mode (``{"status":"success"}`` without a ``message`` key while the session is down);
+* the HTTP surface: same routes, routed like Express (any letter case, an optional trailing
+  slash), same bodies, HTTP 200 for almost everything, and the real failure mode
+  (``{"status":"success"}`` without a ``message`` key whenever a send was not sent);
 * the console: the lines api-blast prints when a session drops and comes back, in three shapes
   copied from the fixtures: Baileys pino JSON (``pino``), the patched api-blast's emoji lines
-  (``variant``) and stock api-blast's ``console.log`` dumps (``stock``).
+  (``variant``) and stock api-blast's ``console.log`` dumps (``stock``). Every format prints
+  api-blast's own ``console.log(result)`` after each send:
+  ``{ status: 0, type: 'api', phone_number: '<chat_id>', stats: true }`` when it was not sent.
+
+api-blast's ``instance()`` gate runs first on ``/instance``, ``/get_qrcode``, ``/get_groups``,
+``/send_message`` and ``/send-message/:instance_id``, in this order: the license (switch it with
+``POST /_sim/license?valid=0|1`` or ``--license-invalid``), a missing ``instance_id``, a token no
+team has ("The authentication process has failed"), an instance outside the token's team ("The
+Instance ID provided has been invalidated"). A team is the instances sharing one token.
+``POST /_sim/revoke?instance_id=ID`` makes the instance's token stop opening it (``&undo=1``
+restores it). ``GET /logout`` checks no token.
+
+Past the gate, ``GET /instance`` answers the account (``data``) whenever the instance has
+credentials, even while its socket is down, and ``{"status":"error","message":"Error",
+"relogin":true}`` when it has none: never paired (``--unpaired ID``) or logged out (a 401 drop,
+``GET /logout``) until ``POST /_sim/login``.
+
+A send is not sent (``{"status":"success"}`` and the ``status: 0`` line) when the session is down,
+when a ``/_sim/fail`` plan says so, and, like Baileys' ``sendMessage`` rejecting, when its
+``chat_id`` is not a plausible jid (missing, or not ``user@server``), when its ``media_url``
+cannot be fetched (a scheme other than http/https, no host, or a path containing ``/404``), or
+when either value was declared bad (``--bad-chat-id``, ``--bad-media-url``,
+``POST /_sim/bad?chat_id=…&media_url=…``; exact match). ``GET /_sim/sent`` lists deliveries and
+the sends that were not sent (``rejected``, each with its ``reason``).
 
 Drops come from ``POST /_sim/drop``, from a schedule given at start, or from a repeating cycle.
 Everything lives on one :class:`Simulator` object; there is no module-level state.
@@ -23,7 +47,9 @@ import base64
 import contextlib
 import enum
 import hashlib
+import html
 import json
+import mimetypes
 import os
 import re
 import secrets
@@ -31,8 +57,17 @@ import signal
 import socket
 import string
 import sys
+import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypedDict, get_args
 
@@ -42,6 +77,9 @@ from supervisor.clock import Clock, SystemClock
 
 LogFormat = Literal["pino", "variant", "stock"]
 FailMode = Literal["http500", "no_message", "hang", "reset"]
+# Why a send was not sent: the session was down, a /_sim/fail plan, or Baileys refused the
+# message itself (its chat_id or its media_url).
+RejectReason = Literal["session", "scripted", "chat_id", "media_url"]
 LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
 FAIL_MODES: tuple[FailMode, ...] = get_args(FailMode)
 
@@ -51,7 +89,16 @@ ROUTES = ("root", "instance", "get_qrcode", "get_groups", "logout", "send_messag
 _INSTANCE_ID_RE = re.compile(r"[0-9A-Z]{10,20}")
 _BREAK_LENGTH = 80  # Node's util.inspect default breakLength: where console.log wraps objects.
 _BROWSER_VERSION = "96.0.4664.110"  # the Chrome version string Baileys advertises
-_INVALID = {"status": "error", "message": "Instance ID Invalidated"}
+
+# api-blast's answers, verbatim from stock waziper.js (all HTTP 200).
+LICENSE_INVALID = (
+    "Whoop!!! The license provided is not valid, please contact the author for assistance"
+)
+NO_INSTANCE_ID = "The Instance ID must be provided for the process to be completed"
+AUTH_FAILED = "The authentication process has failed"
+INVALIDATED = "The Instance ID provided has been invalidated"
+LOGGED_OUT_BEFORE = "This account seems to have logged out before."
+RELOGIN: Mapping[str, object] = {"status": "error", "message": "Error", "relogin": True}
 
 
 class SessionState(enum.StrEnum):
@@ -59,7 +106,12 @@ class SessionState(enum.StrEnum):
 
     CONNECTED = "connected"  # socket open: sends are delivered
     DISCONNECTED = "disconnected"  # dropped, a reconnect is scheduled: sends silently fail
-    LOGGED_OUT = "logged_out"  # 401: stays down until POST /_sim/login (a new pairing)
+    LOGGED_OUT = "logged_out"  # 401 or /logout: no credentials until POST /_sim/login
+    UNPAIRED = "unpaired"  # never paired (no credentials): no socket opens until POST /_sim/login
+
+
+# States in which the instance has no logged-in WhatsApp account (no creds.json).
+NO_CREDENTIALS = frozenset({SessionState.LOGGED_OUT, SessionState.UNPAIRED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,13 +140,21 @@ DEFAULT_INSTANCES: tuple[SimInstance, ...] = (
 
 
 class SentRecord(TypedDict):
-    """One delivery, as listed by ``GET /_sim/sent`` (``t`` is epoch seconds)."""
+    """One delivery, as listed by ``GET /_sim/sent`` (``t`` is epoch seconds; ``media_url`` is
+    empty for a text message)."""
 
     instance_id: str
     chat_id: str
     caption: str
+    media_url: str
     id: str
     t: float
+
+
+class RejectedRecord(SentRecord):
+    """A send answered "not sent" (``id`` is empty), with the reason api-blast never gives."""
+
+    reason: RejectReason
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,6 +373,15 @@ class Profile:
         lid = f"{digest % 10**15:015d}" + (f":{device}" if device else "") + "@lid"
         return cls(inst.instance_id, inst.jid, f"Sim {inst.instance_id[:6]}", lid, phone, device)
 
+    @property
+    def avatar(self) -> str:
+        """The generated picture URL api-blast adds to ``GET /instance`` (``Common.get_avatar``)."""
+        query = urllib.parse.quote(self.name)
+        return (
+            f"https://ui-avatars.com/api/?name={query}&background=58B368&color=fff"
+            "&font-size=0.5&rounded=false&format=png"
+        )
+
 
 OpenCause = Literal["boot", "retry", "pairing"]
 
@@ -338,8 +407,17 @@ class ConsoleFormat(Protocol):
     def qr(self, who: Profile) -> list[str]:
         """``GET /get_qrcode`` made a new QR code."""
 
-    def send_result(self, who: Profile, chat_id: str, message_id: str | None, ts: int) -> list[str]:
-        """A ``/send_message`` finished: delivered (``message_id``) or silently failed (None)."""
+    def send_result(
+        self,
+        who: Profile,
+        chat_id: str | None,
+        message_id: str | None,
+        ts: int,
+        *,
+        kind: str = "extendedTextMessage",
+    ) -> list[str]:
+        """A ``/send_message`` finished: delivered (``message_id``, a ``kind`` message such as
+        ``imageMessage``) or not sent (None). ``chat_id`` is None when the form had none."""
 
     def queued(self, who: Profile, chat_id: str, queued_id: str) -> list[str]:
         """The patched variant queued a send in its own (never-flushing) queue."""
@@ -440,8 +518,17 @@ class PinoFormat:
         # Baileys logs nothing when it makes a QR code.
         return []
 
-    def send_result(self, who: Profile, chat_id: str, message_id: str | None, ts: int) -> list[str]:
-        return []
+    def send_result(
+        self,
+        who: Profile,
+        chat_id: str | None,
+        message_id: str | None,
+        ts: int,
+        *,
+        kind: str = "extendedTextMessage",
+    ) -> list[str]:
+        # api-blast's own console.log(result) is printed whatever the Baileys logger is.
+        return _send_dump(chat_id, message_id, ts, kind=kind)
 
     def queued(self, who: Profile, chat_id: str, queued_id: str) -> list[str]:
         return []
@@ -455,22 +542,32 @@ def _user_info(who: Profile) -> str:
     return "User info: " + inspect_object([f"id: {js_str(who.jid)}", f"lid: {js_str(who.lid)}"])
 
 
-def _send_dump(chat_id: str, message_id: str | None, ts: int, *, stats: bool = True) -> list[str]:
-    """The ``{ status: 1|0, type: 'api', … }`` object stock api-blast logs after each send."""
+def _send_dump(
+    chat_id: str | None,
+    message_id: str | None,
+    ts: int,
+    *,
+    stats: bool = True,
+    kind: str = "extendedTextMessage",
+) -> list[str]:
+    """The ``{ status: 1|0, type: 'api', … }`` object api-blast logs after each send
+    (``console.log(result)``): one line when it fits Node's 80 columns, else one per entry."""
     entries = [
         f"status: {1 if message_id else 0}",
         "type: 'api'",
-        f"phone_number: {js_str(chat_id)}",
+        f"phone_number: {'undefined' if chat_id is None else js_str(chat_id)}",
         f"stats: {'true' if stats else 'false'}",
     ]
     if message_id is not None:
+        jid = "undefined" if chat_id is None else js_str(chat_id)
         key = inspect_object(
-            [f"remoteJid: {js_str(chat_id)}", "fromMe: true", f"id: {js_str(message_id)}"],
+            [f"remoteJid: {jid}", "fromMe: true", f"id: {js_str(message_id)}"],
             indent=4,
             prefix="MessageKey ",
         )
+        # Node prints objects deeper than 2 levels as [ClassName].
         body = inspect_object(
-            ["extendedTextMessage: [ExtendedTextMessage]"], indent=4, prefix="Message "
+            [f"{kind}: [{kind[0].upper()}{kind[1:]}]"], indent=4, prefix="Message "
         )
         stamp = inspect_object(
             [f"low: {ts}", "high: 0", "unsigned: true"], indent=4, prefix="Long "
@@ -600,8 +697,16 @@ class VariantFormat:
             f"QR code generated successfully for instance: {x}",
         ]
 
-    def send_result(self, who: Profile, chat_id: str, message_id: str | None, ts: int) -> list[str]:
-        return _send_dump(chat_id, message_id, ts)
+    def send_result(
+        self,
+        who: Profile,
+        chat_id: str | None,
+        message_id: str | None,
+        ts: int,
+        *,
+        kind: str = "extendedTextMessage",
+    ) -> list[str]:
+        return _send_dump(chat_id, message_id, ts, kind=kind)
 
     def queued(self, who: Profile, chat_id: str, queued_id: str) -> list[str]:
         x = who.instance_id
@@ -651,8 +756,16 @@ class StockFormat:
     def qr(self, who: Profile) -> list[str]:
         return []
 
-    def send_result(self, who: Profile, chat_id: str, message_id: str | None, ts: int) -> list[str]:
-        return _send_dump(chat_id, message_id, ts)
+    def send_result(
+        self,
+        who: Profile,
+        chat_id: str | None,
+        message_id: str | None,
+        ts: int,
+        *,
+        kind: str = "extendedTextMessage",
+    ) -> list[str]:
+        return _send_dump(chat_id, message_id, ts, kind=kind)
 
     def queued(self, who: Profile, chat_id: str, queued_id: str) -> list[str]:
         return []
@@ -745,6 +858,106 @@ class _FailPlan:
     hang_s: float
 
 
+# A route handler: the request and the path parameters Express would put in req.params.
+Handler = Callable[[web.Request, Mapping[str, str]], Awaitable[web.StreamResponse]]
+
+
+def express_pattern(path: str) -> re.Pattern[str]:
+    """The regex Express 4 makes of a route path (path-to-regexp 0.1, ``strict`` and
+    ``sensitive`` off): any letter case, one optional trailing slash, ``:name`` one segment.
+
+    It is matched against the raw (still %-encoded) path, as Express does.
+    """
+    parts = re.split(r":(\w+)", path.rstrip("/"))
+    regex = "".join(
+        re.escape(part) if i % 2 == 0 else f"(?P<{part}>[^/]+?)" for i, part in enumerate(parts)
+    )
+    # JavaScript's /i (no u flag) folds ASCII letters only; Python's would also fold the long s
+    # (U+017F) and the Kelvin sign (U+212A).
+    return re.compile(f"^{regex}/?$", re.IGNORECASE | re.ASCII)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpressRoute:
+    """One api-blast route as Express routes it: method (HEAD also reaches GET), path, handler."""
+
+    method: str
+    pattern: re.Pattern[str]
+    name: str
+    handler: Handler
+
+
+def express_not_found(method: str, raw_path: str) -> web.Response:
+    """Express's answer when no route matches: HTTP 404 and finalhandler's small HTML page."""
+    text = html.escape(f"Cannot {method} {raw_path}")
+    page = (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>Error</title>\n</head>\n<body>\n<pre>{text}</pre>\n</body>\n</html>\n"
+    )
+    headers = {"Content-Security-Policy": "default-src 'none'", "X-Content-Type-Options": "nosniff"}
+    return web.Response(status=404, text=page, content_type="text/html", headers=headers)
+
+
+def plausible_jid(chat_id: str) -> bool:
+    """Whether Baileys can address ``chat_id``: ``user@server`` with both parts non-empty."""
+    user, at, server = chat_id.partition("@")
+    return bool(at and user and server)
+
+
+def fetchable(media_url: str) -> bool:
+    """Whether the simulated download of ``media_url`` succeeds: http(s), a host, and no
+    ``/404`` in the path (the rule tests use to name a missing file)."""
+    try:
+        parts = urllib.parse.urlsplit(media_url)
+    except ValueError:
+        return False
+    return (
+        parts.scheme.lower() in ("http", "https")
+        and bool(parts.netloc)
+        and ("/404" not in parts.path)
+    )
+
+
+def message_content(
+    caption: str, media_url: str = "", filename: str = ""
+) -> tuple[str, dict[str, object]]:
+    """What Baileys builds from api-blast's fields: the WAProto message kind (``imageMessage``…)
+    and its JSON. With a ``media_url`` the caption is the media's caption (audio has none); the
+    kind follows the file extension, anything unknown is sent as a document."""
+    if not media_url:
+        return "extendedTextMessage", {"extendedTextMessage": {"text": caption}}
+    path = urllib.parse.urlsplit(media_url).path
+    mime = mimetypes.guess_type(path, strict=False)[0] or "application/octet-stream"
+    kinds = {"image": "imageMessage", "video": "videoMessage", "audio": "audioMessage"}
+    kind = kinds.get(mime.partition("/")[0], "documentMessage")
+    content: dict[str, object] = {
+        "url": f"https://mmg.whatsapp.net/o1/v/t62.7118-24/{secrets.token_hex(16)}?ccb=9-4",
+        "mimetype": mime,
+    }
+    if kind == "documentMessage":
+        content["fileName"] = filename or path.rsplit("/", 1)[-1] or "file"
+    if kind != "audioMessage" and caption:
+        content["caption"] = caption
+    return kind, {kind: content}
+
+
+async def urlencoded_form(request: web.Request) -> dict[str, str]:
+    """The body fields as Express's ``bodyParser.urlencoded`` gives them: only an
+    ``application/x-www-form-urlencoded`` body is read (JSON, multipart: no fields), bad UTF-8
+    or %-escapes are replaced rather than refused, and the first of repeated fields is kept."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        return {}
+    raw = (await request.read()).decode("utf-8", "replace")
+    fields: dict[str, str] = {}
+    for key, value in urllib.parse.parse_qsl(raw, keep_blank_values=True, errors="replace"):
+        fields.setdefault(key, value)
+    return fields
+
+
+def _error(message: str) -> web.Response:
+    return web.json_response({"status": "error", "message": message})
+
+
 class Simulator:
     """The simulated api-blast: instance sessions, deliveries, call counters and the console."""
 
@@ -761,6 +974,10 @@ class Simulator:
         reconnect_ms: int = 1500,
         *,
         clock: Clock | None = None,
+        unpaired: Iterable[str] = (),
+        bad_chat_ids: Iterable[str] = (),
+        bad_media_urls: Iterable[str] = (),
+        license_valid: bool = True,
     ) -> None:
         if not instances:
             raise ValueError("at least one instance is needed")
@@ -772,6 +989,10 @@ class Simulator:
         if drop_every_s is not None and drop_every_s <= 0:
             raise ValueError("drop_every_s must be > 0")
         self._check_drop(instances[0].instance_id, drop_code)
+        never_paired = set(unpaired)
+        for instance_id in never_paired:
+            if instance_id not in self._instances:
+                raise ValueError(f"unknown unpaired instance {instance_id}")
         self._profiles = {i.instance_id: Profile.of(i) for i in instances}
         self._clock: Clock = clock or SystemClock()
         self._format = make_format(log_format, self._clock)
@@ -780,19 +1001,32 @@ class Simulator:
         self._drop_every_s = drop_every_s
         self._drop_code = drop_code
         self._reconnect_ms = reconnect_ms
-        self._state = {i.instance_id: SessionState.CONNECTED for i in instances}
+        self._state = {
+            i: SessionState.UNPAIRED if i in never_paired else SessionState.CONNECTED
+            for i in self._instances
+        }
+        # The token that opens each instance (its team's, as sp_team/sp_whatsapp_sessions
+        # would say); None once revoked. A token is known while it opens at least one instance.
+        self._tokens: dict[str, str | None] = {i.instance_id: i.access_token for i in instances}
+        self._license_valid = license_valid
+        self._bad_chat_ids = set(bad_chat_ids)
+        self._bad_media_urls = set(bad_media_urls)
         self._attempts = dict.fromkeys(self._instances, 0)
         self._failures: dict[str, _FailPlan] = {}
         self._reconnects: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sent: list[SentRecord] = []
-        self._rejected: list[SentRecord] = []  # sends answered "not sent" (session down)
+        self._rejected: list[RejectedRecord] = []  # sends answered "not sent"
         self._calls = dict.fromkeys(ROUTES, 0)
         self._stopping = asyncio.Event()
+        self.routes = self._express_routes()
 
     def __repr__(self) -> str:
         states = ", ".join(f"{k}={v}" for k, v in self._state.items())
-        return f"<Simulator {states} sent={len(self._sent)} calls={sum(self._calls.values())}>"
+        return (
+            f"<Simulator {states} sent={len(self._sent)} rejected={len(self._rejected)} "
+            f"calls={sum(self._calls.values())} license={'ok' if self._license_valid else 'bad'}>"
+        )
 
     # -- inspection ----------------------------------------------------------------------------
 
@@ -807,9 +1041,19 @@ class Simulator:
         return list(self._sent)
 
     @property
+    def rejected(self) -> list[RejectedRecord]:
+        """Sends answered "not sent", oldest first, each with its reason (a copy)."""
+        return list(self._rejected)
+
+    @property
     def calls(self) -> dict[str, int]:
         """Calls per api-blast route (a copy); ``/_sim/`` control calls are not counted."""
         return dict(self._calls)
+
+    @property
+    def license_valid(self) -> bool:
+        """Whether api-blast's license check passes (when not, every gated route refuses)."""
+        return self._license_valid
 
     def state(self, instance_id: str) -> SessionState:
         """The session state of one instance."""
@@ -819,10 +1063,31 @@ class Simulator:
         """Every instance's session state."""
         return {k: str(v) for k, v in self._state.items()}
 
+    def refusal(self, instance_id: str | None, access_token: str | None) -> str | None:
+        """What api-blast's ``instance()`` gate answers for the pair (the ``message`` of its
+        error), or None when the pair passes. ``instance_id`` is None when the request has none.
+        """
+        if not self._license_valid:
+            return LICENSE_INVALID
+        if instance_id is None:
+            return NO_INSTANCE_ID
+        if access_token is None or access_token not in self._tokens.values():
+            return AUTH_FAILED
+        if self._tokens.get(instance_id) != access_token:
+            return INVALIDATED
+        return None
+
     def authorized(self, instance_id: str, access_token: str) -> bool:
         """Whether the pair would pass api-blast's token check."""
-        inst = self._instances.get(instance_id)
-        return inst is not None and secrets.compare_digest(inst.access_token, access_token)
+        return self.refusal(instance_id, access_token) is None
+
+    def unsendable(self, chat_id: str | None, media_url: str = "") -> RejectReason | None:
+        """Why Baileys' ``sendMessage`` would reject a message on an open session, or None."""
+        if chat_id is None or not plausible_jid(chat_id) or chat_id in self._bad_chat_ids:
+            return "chat_id"
+        if media_url and (not fetchable(media_url) or media_url in self._bad_media_urls):
+            return "media_url"
+        return None
 
     def profile(self, instance_id: str) -> Profile:
         """The account details shown by ``GET /instance`` and the open lines."""
@@ -836,13 +1101,20 @@ class Simulator:
         if code not in BOOMS:
             raise ValueError(f"unsupported drop code {code} (one of {DROP_CODES})")
 
+    def _check_instance(self, instance_id: str) -> None:
+        if instance_id not in self._instances:
+            raise ValueError(f"unknown instance {instance_id}")
+
     def drop(self, instance_id: str, code: int = 440, reconnect_ms: int = 1500) -> None:
         """Drop the session with Baileys ``code``; reconnect after ``reconnect_ms`` unless 401.
 
         The state changes before the lines are written, so whoever reads the drop line finds
-        sends already failing.
+        sends already failing. An instance without credentials has no session to drop
+        (ValueError).
         """
         self._check_drop(instance_id, code)
+        if self._state[instance_id] in NO_CREDENTIALS:
+            raise ValueError(f"instance {instance_id} has no logged-in account to drop")
         self._cancel_reconnect(instance_id)
         logged_out = code == 401
         self._state[instance_id] = (
@@ -858,8 +1130,7 @@ class Simulator:
 
     def login(self, instance_id: str) -> None:
         """A new pairing: QR, scan, the 515 restart Baileys expects, then open."""
-        if instance_id not in self._instances:
-            raise ValueError(f"unknown instance {instance_id}")
+        self._check_instance(instance_id)
         self._cancel_reconnect(instance_id)
         who = self._profiles[instance_id]
         self._state[instance_id] = SessionState.DISCONNECTED
@@ -872,10 +1143,32 @@ class Simulator:
         self._state[instance_id] = SessionState.LOGGED_OUT
         self.log.write(self._format.logged_out(self._profiles[instance_id]))
 
+    def set_license(self, valid: bool) -> None:
+        """Make api-blast's license check pass or fail from now on."""
+        self._license_valid = valid
+
+    def revoke(self, instance_id: str) -> None:
+        """The instance's token stops opening it (its team no longer owns it): the gate then
+        answers "has been invalidated", or "authentication process has failed" when the token
+        opens no instance at all any more."""
+        self._check_instance(instance_id)
+        self._tokens[instance_id] = None
+
+    def restore(self, instance_id: str) -> None:
+        """Undo :meth:`revoke`: the instance's own token opens it again."""
+        self._check_instance(instance_id)
+        self._tokens[instance_id] = self._instances[instance_id].access_token
+
+    def add_bad(self, *, chat_id: str | None = None, media_url: str | None = None) -> None:
+        """Make Baileys reject every message to ``chat_id`` / with ``media_url`` (exact match)."""
+        if chat_id is not None:
+            self._bad_chat_ids.add(chat_id)
+        if media_url is not None:
+            self._bad_media_urls.add(media_url)
+
     def fail(self, instance_id: str, mode: FailMode, count: int = 1, hang_ms: int = 60000) -> None:
         """Make the next ``count`` sends for the instance fail in ``mode`` (replacing any plan)."""
-        if instance_id not in self._instances:
-            raise ValueError(f"unknown instance {instance_id}")
+        self._check_instance(instance_id)
         if mode not in FAIL_MODES:
             raise ValueError(f"mode must be one of {', '.join(FAIL_MODES)}")
         if count <= 0:
@@ -884,7 +1177,7 @@ class Simulator:
         self._failures[instance_id] = _FailPlan(mode, count, hang_ms / 1000)
 
     def reset_sent(self) -> None:
-        """Forget the deliveries recorded so far."""
+        """Forget the deliveries and the rejected sends recorded so far."""
         self._sent.clear()
         self._rejected.clear()
 
@@ -897,11 +1190,13 @@ class Simulator:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Print the boot and open lines, then start the drop schedule."""
+        """Print the boot and open lines (instances with credentials only), then start the
+        drop schedule."""
         self._stopping.clear()
         self.log.write(self._format.boot())
-        for instance_id in self._instances:
-            self._open(instance_id, "boot")
+        for instance_id, state in self._state.items():
+            if state not in NO_CREDENTIALS:
+                self._open(instance_id, "boot")
         if self._drops:
             self._spawn(self._run_schedule(self._clock.monotonic()))
         if self._drop_every_s is not None:
@@ -950,7 +1245,8 @@ class Simulator:
             delay_s = drop.at_s - (self._clock.monotonic() - started)
             if await self._clock.wait(self._stopping, delay_s):
                 return
-            self.drop(drop.instance_id, drop.code, drop.reconnect_ms)
+            if self._state[drop.instance_id] not in NO_CREDENTIALS:
+                self.drop(drop.instance_id, drop.code, drop.reconnect_ms)
 
     async def _run_cycle(self, every_s: float) -> None:
         order = list(self._instances)
@@ -958,47 +1254,84 @@ class Simulator:
         while not await self._clock.wait(self._stopping, every_s):
             instance_id = order[turn % len(order)]
             turn += 1
-            self.drop(instance_id, self._drop_code, self._reconnect_ms)
+            if self._state[instance_id] not in NO_CREDENTIALS:
+                self.drop(instance_id, self._drop_code, self._reconnect_ms)
 
     # -- HTTP handlers ---------------------------------------------------------------------------
+
+    def _express_routes(self) -> tuple[ExpressRoute, ...]:
+        def plain(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Handler:
+            return lambda request, _params: handler(request)
+
+        def variant(
+            request: web.Request, params: Mapping[str, str]
+        ) -> Awaitable[web.StreamResponse]:
+            return self.handle_send_message_variant(request, params["instance_id"])
+
+        table: tuple[tuple[str, str, str, Handler], ...] = (
+            ("GET", "/", "root", plain(self.handle_root)),
+            ("GET", "/instance", "instance", plain(self.handle_instance)),
+            ("GET", "/get_qrcode", "get_qrcode", plain(self.handle_get_qrcode)),
+            ("GET", "/get_groups", "get_groups", plain(self.handle_get_groups)),
+            ("GET", "/logout", "logout", plain(self.handle_logout)),
+            ("POST", "/send_message", "send_message", plain(self.handle_send_message)),
+            ("POST", "/send-message/:instance_id", "send-message", variant),
+        )
+        return tuple(
+            ExpressRoute(method, express_pattern(path), name, handler)
+            for method, path, name, handler in table
+        )
+
+    async def handle_express(self, request: web.Request) -> web.StreamResponse:
+        """Route an api-blast request the way Express does (see :func:`express_pattern`),
+        passing the decoded path parameters. No match: Express's 404 page."""
+        raw_path = request.rel_url.raw_path
+        method = "GET" if request.method == "HEAD" else request.method
+        for route in self.routes:
+            match = route.pattern.match(raw_path)
+            if route.method == method and match is not None:
+                params = {k: urllib.parse.unquote(v) for k, v in match.groupdict().items()}
+                return await route.handler(request, params)
+        return express_not_found(request.method, raw_path)
 
     def _count(self, route: str) -> None:
         self._calls[route] += 1
 
-    def _auth(self, request: web.Request, instance_id: str | None = None) -> str | None:
-        """The instance id when the query's credentials are valid, else None."""
-        ident = instance_id if instance_id is not None else request.query.get("instance_id", "")
-        token = request.query.get("access_token", "")
-        return ident if self.authorized(ident, token) else None
+    def _gate(self, request: web.Request, instance_id: str | None = None) -> str | web.Response:
+        """api-blast's ``instance()``: the instance id when the request passes, else the answer."""
+        ident = instance_id if instance_id is not None else request.query.get("instance_id")
+        refusal = self.refusal(ident, request.query.get("access_token"))
+        if refusal is None and ident is not None:
+            return ident
+        return _error(refusal or NO_INSTANCE_ID)
 
     async def handle_root(self, request: web.Request) -> web.Response:
         """``GET /``: the liveness answer."""
         self._count("root")
-        return web.json_response({"status": "success", "message": "WAZIPER IS LIVE"})
+        return web.json_response({"status": "success", "message": "Welcome to WAZIPER"})
 
     async def handle_instance(self, request: web.Request) -> web.Response:
-        """``GET /instance``: success even when disconnected (then ``data`` is null)."""
+        """``GET /instance``: the account whenever credentials exist (also while the socket is
+        down: success does not mean connected); ``relogin`` when there are none."""
         self._count("instance")
-        ident = self._auth(request)
-        if ident is None:
-            return web.json_response(_INVALID)
-        data: dict[str, str] | None = None
-        if self._state[ident] is SessionState.CONNECTED:
-            who = self._profiles[ident]
-            data = {"id": who.jid, "name": who.name, "lid": who.lid}
+        ident = self._gate(request)
+        if not isinstance(ident, str):
+            return ident
+        if self._state[ident] in NO_CREDENTIALS:
+            return web.json_response(RELOGIN)
+        who = self._profiles[ident]
+        data = {"id": who.jid, "name": who.name, "lid": who.lid, "avatar": who.avatar}
         return web.json_response({"status": "success", "message": "Success", "data": data})
 
     async def handle_get_qrcode(self, request: web.Request) -> web.Response:
         """``GET /get_qrcode``: destructive in the real server; counted so tests can assert that
         the supervisor never calls it."""
         self._count("get_qrcode")
-        ident = self._auth(request)
-        if ident is None:
-            return web.json_response(_INVALID)
+        ident = self._gate(request)
+        if not isinstance(ident, str):
+            return ident
         if self._state[ident] is SessionState.CONNECTED:
-            return web.json_response(
-                {"status": "error", "message": "It seems that you have logged in successfully"}
-            )
+            return _error("It seems that you have logged in successfully")
         self.log.write(self._format.qr(self._profiles[ident]))
         qr = "data:image/png;base64," + _b64(secrets.token_bytes(48))
         return web.json_response({"status": "success", "message": "Success", "base64": qr})
@@ -1006,70 +1339,80 @@ class Simulator:
     async def handle_get_groups(self, request: web.Request) -> web.Response:
         """``GET /get_groups``: a fixed group list while connected."""
         self._count("get_groups")
-        ident = self._auth(request)
-        if ident is None:
-            return web.json_response(_INVALID)
+        ident = self._gate(request)
+        if not isinstance(ident, str):
+            return ident
         if self._state[ident] is not SessionState.CONNECTED:
-            return web.json_response({"status": "error", "message": "Session not connected"})
+            return _error("Session not connected")
         groups = [{"id": "120363025246125486@g.us", "name": "Simulated group", "size": 3}]
         return web.json_response({"status": "success", "message": "Success", "data": groups})
 
     async def handle_logout(self, request: web.Request) -> web.Response:
-        """``GET /logout``: ends the session until ``POST /_sim/login``."""
+        """``GET /logout``: no token check at all (api-blast skips ``instance()`` here); ends the
+        session until ``POST /_sim/login``."""
         self._count("logout")
-        ident = self._auth(request)
-        if ident is None:
-            return web.json_response(_INVALID)
+        ident = request.query.get("instance_id", "")
+        if ident not in self._instances or self._state[ident] in NO_CREDENTIALS:
+            return _error(LOGGED_OUT_BEFORE)
         self.logout(ident)
         return web.json_response({"status": "success", "message": "Success"})
 
     async def handle_send_message(self, request: web.Request) -> web.StreamResponse:
-        """``POST /send_message``: stock route, urlencoded body, silent failure when down."""
+        """``POST /send_message``: stock route, urlencoded body, silent failure when not sent."""
         self._count("send_message")
-        return await self._send(request, self._auth(request), variant=False)
+        return await self._send(request, self._gate(request), variant=False)
 
-    async def handle_send_message_variant(self, request: web.Request) -> web.StreamResponse:
-        """``POST /send-message/{instance_id}``: the patched route; queues (forever) when down."""
+    async def handle_send_message_variant(
+        self, request: web.Request, instance_id: str | None = None
+    ) -> web.StreamResponse:
+        """``POST /send-message/{instance_id}``: the patched route; queues (forever) when down.
+        ``instance_id`` comes from the path (from ``match_info`` when not given)."""
         self._count("send-message")
-        ident = self._auth(request, request.match_info["instance_id"])
-        return await self._send(request, ident, variant=True)
+        if instance_id is None:
+            instance_id = request.match_info["instance_id"]
+        gate = self._gate(request, instance_id)
+        return await self._send(request, gate, variant=True)
 
     async def _send(
-        self, request: web.Request, ident: str | None, *, variant: bool
+        self, request: web.Request, gate: str | web.Response, *, variant: bool
     ) -> web.StreamResponse:
-        if ident is None:
-            return web.json_response(_INVALID)
-        # Like Express's urlencoded parser, only form bodies are read: a JSON body has no fields.
-        form = await request.post()
-        chat_id = form.get("chat_id")
-        caption = form.get("caption", "")
-        if not isinstance(chat_id, str) or not chat_id:
-            return web.json_response(
-                {"status": "error", "message": "Cannot read properties of undefined (chat_id)"}
-            )
-        text = caption if isinstance(caption, str) else ""
+        if not isinstance(gate, str):
+            return gate
+        ident = gate
+        form = await urlencoded_form(request)
+        message = _Outgoing(
+            form.get("chat_id"),
+            form.get("caption", ""),
+            form.get("media_url", ""),
+            form.get("filename", ""),
+        )
         plan = self._failures.get(ident)
         if plan is not None:
             plan.remaining -= 1
             if plan.remaining <= 0:
                 del self._failures[ident]
-            return await self._fail_send(request, ident, chat_id, text, plan)
+            return await self._fail_send(request, ident, message, plan)
         if self._state[ident] is not SessionState.CONNECTED:
             # Recorded so that tests can check nobody sends into a session known to be down.
-            self._rejected.append({"instance_id": ident, "chat_id": chat_id, "caption": text,
-                                   "id": "", "t": self._clock.time()})
-            return self._not_sent(ident, chat_id, variant=variant)
-        return web.json_response(self._deliver(ident, chat_id, text))
+            return self._not_sent(ident, message, "session", variant=variant)
+        return self._attempt(ident, message)
+
+    def _attempt(self, ident: str, message: _Outgoing) -> web.Response:
+        """Baileys' ``sendMessage`` on an open socket: delivered, or rejected for the message."""
+        reason = self.unsendable(message.chat_id, message.media_url)
+        if reason is not None or message.chat_id is None:
+            return self._not_sent(ident, message, reason or "chat_id", variant=False)
+        return web.json_response(self._deliver(ident, message.chat_id, message))
 
     async def _fail_send(
-        self, request: web.Request, ident: str, chat_id: str, text: str, plan: _FailPlan
+        self, request: web.Request, ident: str, message: _Outgoing, plan: _FailPlan
     ) -> web.StreamResponse:
         if plan.mode == "http500":
             return web.json_response(
                 {"status": "error", "message": "Internal Server Error"}, status=500
             )
         if plan.mode == "no_message":
-            return self._not_sent(ident, chat_id, variant=False)
+            return self._not_sent(ident, message, "scripted", variant=False)
         if plan.mode == "reset":
             # Abort (RST) the connection without an answer; aiohttp then skips the response.
             if request.transport is not None:
@@ -1077,9 +1420,23 @@ class Simulator:
             return web.Response(status=500)
         # hang: the real server did send it, it only answered too late.
         await self._clock.wait(self._stopping, plan.hang_s)
-        return web.json_response(self._deliver(ident, chat_id, text))
+        return self._attempt(ident, message)
 
-    def _not_sent(self, ident: str, chat_id: str, *, variant: bool) -> web.Response:
+    def _not_sent(
+        self, ident: str, message: _Outgoing, reason: RejectReason, *, variant: bool
+    ) -> web.Response:
+        now = self._clock.time()
+        self._rejected.append(
+            {
+                "instance_id": ident,
+                "chat_id": message.chat_id or "",
+                "caption": message.caption,
+                "media_url": message.media_url,
+                "id": "",
+                "t": now,
+                "reason": reason,
+            }
+        )
         who = self._profiles[ident]
         if variant:
             stamp = _timestamp_ms(self._clock)
@@ -1087,7 +1444,7 @@ class Simulator:
                 secrets.choice(string.ascii_lowercase + string.digits) for _ in "123456789"
             )
             queued_id = f"msg_{stamp}_{suffix}"
-            self.log.write(self._format.queued(who, chat_id, queued_id))
+            self.log.write(self._format.queued(who, message.chat_id or "", queued_id))
             return web.json_response(
                 {
                     "status": "success",
@@ -1096,31 +1453,35 @@ class Simulator:
                     "queued": True,
                 }
             )
-        # Baileys rejected with 428 "Connection Closed"; api-blast still says success.
-        self.log.write(self._format.send_result(who, chat_id, None, int(self._clock.time())))
+        # Baileys' sendMessage rejected (428 "Connection Closed", a jid it cannot use, a media
+        # it cannot fetch…): result.message is undefined, so api-blast's answer has no message.
+        self.log.write(self._format.send_result(who, message.chat_id, None, int(now)))
         return web.json_response({"status": "success"})
 
-    def _deliver(self, ident: str, chat_id: str, caption: str) -> dict[str, object]:
+    def _deliver(self, ident: str, chat_id: str, message: _Outgoing) -> dict[str, object]:
         now = self._clock.time()
         message_id = "3EB0" + secrets.token_hex(9).upper()
         self._sent.append(
             {
                 "instance_id": ident,
                 "chat_id": chat_id,
-                "caption": caption,
+                "caption": message.caption,
+                "media_url": message.media_url,
                 "id": message_id,
                 "t": now,
             }
         )
+        kind, content = message_content(message.caption, message.media_url, message.filename)
         who = self._profiles[ident]
-        self.log.write(self._format.send_result(who, chat_id, message_id, int(now)))
+        self.log.write(self._format.send_result(who, chat_id, message_id, int(now), kind=kind))
         return {
             "status": "success",
             "message": {
                 "key": {"remoteJid": chat_id, "fromMe": True, "id": message_id},
-                "message": {"extendedTextMessage": {"text": caption}},
+                "message": content,
                 "messageTimestamp": str(int(now)),
-                "status": "PENDING",
+                # api-blast overwrites Baileys' status before answering.
+                "status": "SUCCESS",
             },
         }
 
@@ -1139,11 +1500,15 @@ class Simulator:
         reconnect_ms = _int_param(request, "reconnect_ms", self._reconnect_ms)
         if code not in BOOMS:
             raise _bad_request(f"code must be one of {list(DROP_CODES)}")
+        if self._state[ident] in NO_CREDENTIALS:
+            raise _bad_request(
+                f"instance {ident} has no logged-in account; POST /_sim/login first", status=409
+            )
         self.drop(ident, code, reconnect_ms)
         return web.json_response({"ok": True, "state": self.states()})
 
     async def handle_sim_login(self, request: web.Request) -> web.Response:
-        """``POST /_sim/login?instance_id=``: pair again after a logout."""
+        """``POST /_sim/login?instance_id=``: pair (again), e.g. after a logout or when unpaired."""
         self.login(self._control_instance(request))
         return web.json_response({"ok": True, "state": self.states()})
 
@@ -1158,21 +1523,81 @@ class Simulator:
         self.fail(ident, _fail_mode(mode), count, hang_ms)
         return web.json_response({"ok": True})
 
+    async def handle_sim_license(self, request: web.Request) -> web.Response:
+        """``POST /_sim/license?valid=0|1``: make api-blast's license check fail or pass."""
+        valid = request.query.get("valid", "")
+        if valid not in ("0", "1"):
+            raise _bad_request("valid must be 0 or 1")
+        self.set_license(valid == "1")
+        return web.json_response({"ok": True, "license_valid": self._license_valid})
+
+    async def handle_sim_revoke(self, request: web.Request) -> web.Response:
+        """``POST /_sim/revoke?instance_id=[&undo=1]``: its token stops (or starts again)
+        opening the instance."""
+        ident = self._control_instance(request)
+        undo = request.query.get("undo", "0")
+        if undo not in ("0", "1"):
+            raise _bad_request("undo must be 0 or 1")
+        if undo == "1":
+            self.restore(ident)
+        else:
+            self.revoke(ident)
+        return web.json_response({"ok": True, "revoked": self._revoked()})
+
+    async def handle_sim_bad(self, request: web.Request) -> web.Response:
+        """``POST /_sim/bad?chat_id=…&media_url=…``: from now on Baileys rejects messages to
+        that chat_id / with that media_url (exact match; either or both)."""
+        chat_id = request.query.get("chat_id")
+        media_url = request.query.get("media_url")
+        if chat_id is None and media_url is None:
+            raise _bad_request("give chat_id, media_url or both")
+        self.add_bad(chat_id=chat_id, media_url=media_url)
+        return web.json_response(
+            {
+                "ok": True,
+                "bad_chat_ids": sorted(self._bad_chat_ids),
+                "bad_media_urls": sorted(self._bad_media_urls),
+            }
+        )
+
     async def handle_sim_sent(self, request: web.Request) -> web.Response:
-        """``GET /_sim/sent``: deliveries in order, and sends refused while the session was
-        down (``rejected``)."""
+        """``GET /_sim/sent``: deliveries in order, and sends answered "not sent"
+        (``rejected``, each with its ``reason``)."""
         return web.json_response({"sent": self._sent, "rejected": self._rejected})
 
     async def handle_sim_stats(self, request: web.Request) -> web.Response:
-        """``GET /_sim/stats``: route call counts and session states."""
+        """``GET /_sim/stats``: route call counts, session states, how many times a send handler
+        ran (every request Express routes to it, refused at the gate or not), the rejected sends,
+        the license switch and the revoked instances."""
         return web.json_response(
-            {"calls": self._calls, "state": self.states(), "sent": len(self._sent)}
+            {
+                "calls": self._calls,
+                "state": self.states(),
+                "sent": len(self._sent),
+                "send_handler_runs": self._calls["send_message"] + self._calls["send-message"],
+                "rejected": self._rejected,
+                "license_valid": self._license_valid,
+                "revoked": self._revoked(),
+            }
         )
 
     async def handle_sim_reset_sent(self, request: web.Request) -> web.Response:
         """``POST /_sim/reset_sent``."""
         self.reset_sent()
         return web.json_response({"ok": True})
+
+    def _revoked(self) -> list[str]:
+        return [ident for ident, token in self._tokens.items() if token is None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    """The fields of one send as api-blast read them (``chat_id`` None: not in the form)."""
+
+    chat_id: str | None
+    caption: str
+    media_url: str
+    filename: str
 
 
 def _fail_mode(text: str) -> FailMode:
@@ -1186,6 +1611,8 @@ def _bad_request(message: str, status: int = 400) -> web.HTTPException:
     body = json.dumps({"error": message})
     if status == 404:
         return web.HTTPNotFound(text=body, content_type="application/json")
+    if status == 409:
+        return web.HTTPConflict(text=body, content_type="application/json")
     return web.HTTPBadRequest(text=body, content_type="application/json")
 
 
@@ -1201,7 +1628,11 @@ def _int_param(request: web.Request, name: str, default: int) -> int:
 
 def build_app(sim: Simulator) -> web.Application:
     """The aiohttp application serving ``sim``; its startup prints the boot lines and starts the
-    drop schedule, its cleanup stops it."""
+    drop schedule, its cleanup stops it.
+
+    The ``/_sim/`` control routes are exact; every other request goes through
+    :meth:`Simulator.handle_express`, which routes api-blast's paths as Express would.
+    """
     app = web.Application()
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
@@ -1214,19 +1645,16 @@ def build_app(sim: Simulator) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(shutting_down)
-    app.router.add_get("/", sim.handle_root)
-    app.router.add_get("/instance", sim.handle_instance)
-    app.router.add_get("/get_qrcode", sim.handle_get_qrcode)
-    app.router.add_get("/get_groups", sim.handle_get_groups)
-    app.router.add_get("/logout", sim.handle_logout)
-    app.router.add_post("/send_message", sim.handle_send_message)
-    app.router.add_post("/send-message/{instance_id}", sim.handle_send_message_variant)
     app.router.add_post("/_sim/drop", sim.handle_sim_drop)
     app.router.add_post("/_sim/login", sim.handle_sim_login)
     app.router.add_post("/_sim/fail", sim.handle_sim_fail)
+    app.router.add_post("/_sim/license", sim.handle_sim_license)
+    app.router.add_post("/_sim/revoke", sim.handle_sim_revoke)
+    app.router.add_post("/_sim/bad", sim.handle_sim_bad)
     app.router.add_get("/_sim/sent", sim.handle_sim_sent)
     app.router.add_get("/_sim/stats", sim.handle_sim_stats)
     app.router.add_post("/_sim/reset_sent", sim.handle_sim_reset_sent)
+    app.router.add_route("*", "/{path:.*}", sim.handle_express)
     return app
 
 
@@ -1324,6 +1752,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MS",
         help="delay before a repeating drop reconnects (default 1500)",
     )
+    parser.add_argument(
+        "--unpaired",
+        dest="unpaired",
+        metavar="ID",
+        action="append",
+        default=[],
+        help="an instance that never paired: no credentials, GET /instance answers relogin, "
+        "sends are not sent, until POST /_sim/login (repeatable)",
+    )
+    parser.add_argument(
+        "--bad-chat-id",
+        dest="bad_chat_ids",
+        metavar="VALUE",
+        action="append",
+        default=[],
+        help='a chat_id Baileys rejects: its sends answer {"status":"success"} without '
+        "message (repeatable, exact match; a chat_id that is not user@server always is)",
+    )
+    parser.add_argument(
+        "--bad-media-url",
+        dest="bad_media_urls",
+        metavar="VALUE",
+        action="append",
+        default=[],
+        help="a media_url that cannot be fetched, so its sends are not sent (repeatable, exact "
+        "match; a scheme other than http/https, no host or '/404' in the path always is)",
+    )
+    parser.add_argument(
+        "--license-invalid",
+        action="store_true",
+        help="start with api-blast's license check failing: every gated route answers "
+        "'Whoop!!! The license provided is not valid…' (POST /_sim/license?valid=1 fixes it)",
+    )
 
 
 def simulator_from_args(args: argparse.Namespace) -> Simulator:
@@ -1338,6 +1799,10 @@ def simulator_from_args(args: argparse.Namespace) -> Simulator:
         drop_every_s=args.drop_every_s,
         drop_code=args.drop_code,
         reconnect_ms=args.reconnect_ms,
+        unpaired=args.unpaired,
+        bad_chat_ids=args.bad_chat_ids,
+        bad_media_urls=args.bad_media_urls,
+        license_valid=not args.license_invalid,
     )
 
 

@@ -22,10 +22,17 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from supervisor.clock import SystemClock
 from supervisor.simulator import (
+    AUTH_FAILED,
     BOOMS,
     DEFAULT_INSTANCES,
+    INVALIDATED,
+    LICENSE_INVALID,
+    LOGGED_OUT_BEFORE,
+    NO_INSTANCE_ID,
     Drop,
+    PinoFormat,
     Profile,
     SessionState,
     SimInstance,
@@ -35,8 +42,12 @@ from supervisor.simulator import (
     add_arguments,
     boom_lines,
     build_app,
+    express_pattern,
+    fetchable,
     inspect_object,
     js_str,
+    plausible_jid,
+    simulator_from_args,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,38 +171,148 @@ async def test_send_while_dropped_answers_bare_success_and_records_nothing(
     assert "message" in other
 
 
-async def test_bad_token_answers_status_error(tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    """A wrong access token gets api-blast's "Instance ID Invalidated" error on every route."""
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"access_token": A.access_token}, NO_INSTANCE_ID),
+        ({"instance_id": A.instance_id}, AUTH_FAILED),
+        ({"instance_id": A.instance_id, "access_token": "0000000000000"}, AUTH_FAILED),
+        ({"instance_id": A.instance_id, "access_token": B.access_token}, INVALIDATED),
+        ({"instance_id": "UNKNOWN0000000", "access_token": A.access_token}, INVALIDATED),
+        ({"instance_id": "", "access_token": A.access_token}, INVALIDATED),
+    ],
+)
+async def test_gate_refuses_with_api_blast_messages_on_every_gated_route(
+    tmp_path: Path, http: aiohttp.ClientSession, query: dict[str, str], message: str
+) -> None:
+    """Each gated route answers api-blast's exact refusal, HTTP 200, and sends nothing."""
     sim = Simulator(DEFAULT_INSTANCES, str(tmp_path / "app.log"))
-    bad = {"instance_id": A.instance_id, "access_token": "0000000000000"}
-    invalid = {"status": "error", "message": "Instance ID Invalidated"}
+    expected = {"status": "error", "message": message}
     async with running(sim) as base:
-        async with http.post(f"{base}/send_message", params=bad, data={"chat_id": CHAT}) as resp:
-            assert (resp.status, await resp.json()) == (200, invalid)
+        for path in ("/instance", "/get_qrcode", "/get_groups"):
+            async with http.get(f"{base}{path}", params=query) as resp:
+                assert (resp.status, await resp.json()) == (200, expected), path
+        form = {"chat_id": CHAT, "caption": "x"}
+        async with http.post(f"{base}/send_message", params=query, data=form) as resp:
+            assert (resp.status, await resp.json()) == (200, expected)
+    assert sim.sent == [] and sim.rejected == []
+    assert sim.calls["send_message"] == 1
+
+
+async def test_variant_route_gate_uses_the_path_instance(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """/send-message/:id refuses another team's token with "has been invalidated"."""
+    sim = Simulator(DEFAULT_INSTANCES, str(tmp_path / "app.log"))
+    async with running(sim) as base:
         url = f"{base}/send-message/{A.instance_id}"
-        async with http.post(url, params={"access_token": "x"}, data={"chat_id": CHAT}) as resp:
-            assert (resp.status, await resp.json()) == (200, invalid)
-        async with http.get(f"{base}/instance", params=bad) as resp:
-            assert (resp.status, await resp.json()) == (200, invalid)
+        for token, message in ((B.access_token, INVALIDATED), ("x", AUTH_FAILED)):
+            params = {"access_token": token}
+            async with http.post(url, params=params, data={"chat_id": CHAT}) as resp:
+                assert await resp.json() == {"status": "error", "message": message}
     assert sim.sent == []
 
 
-async def test_json_body_is_not_parsed(tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    """A JSON body is ignored like api-blast's urlencoded parser does, so chat_id is missing."""
+async def test_team_token_opens_every_instance_of_its_team(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Instances sharing one token are a team: that token opens each of them, not others."""
+    mate = SimInstance("68B2F1A0C3D4F", A.access_token, "6281111111111:2@s.whatsapp.net")
+    sim = Simulator([A, B, mate], str(tmp_path / "app.log"))
+    async with running(sim) as base:
+        status, body = await send(http, base, mate)
+        async with http.get(f"{base}/instance", params=auth(mate)) as resp:
+            info = await resp.json()
+        other = {"instance_id": B.instance_id, "access_token": A.access_token}
+        async with http.get(f"{base}/instance", params=other) as resp:
+            refused = await resp.json()
+    assert status == 200 and "message" in body
+    assert info["data"]["id"] == mate.jid
+    assert refused == {"status": "error", "message": INVALIDATED}
+    assert sim.authorized(mate.instance_id, A.access_token)
+    assert not sim.authorized(B.instance_id, A.access_token)
+
+
+async def test_license_switch_refuses_every_gated_route_first(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """POST /_sim/license?valid=0 makes every gated route answer the license error before any
+    other check, /logout is not gated, and valid=1 restores normal answers."""
     sim = Simulator(DEFAULT_INSTANCES, str(tmp_path / "app.log"))
+    license_error = {"status": "error", "message": LICENSE_INVALID}
+    async with running(sim) as base:
+        async with http.post(f"{base}/_sim/license", params={"valid": "0"}) as resp:
+            assert await resp.json() == {"ok": True, "license_valid": False}
+        assert await send(http, base) == (200, license_error)
+        for params in (auth(A), {}, {"instance_id": A.instance_id, "access_token": "bad"}):
+            async with http.get(f"{base}/instance", params=params) as resp:
+                assert await resp.json() == license_error
+        async with http.get(f"{base}/logout", params={"instance_id": B.instance_id}) as resp:
+            assert await resp.json() == {"status": "success", "message": "Success"}
+        async with http.post(f"{base}/_sim/license", params={"valid": "1"}) as resp:
+            assert resp.status == 200
+        status, body = await send(http, base)
+        async with http.post(f"{base}/_sim/license", params={"valid": "yes"}) as resp:
+            assert resp.status == 400
+    assert status == 200 and "message" in body
+    assert len(sim.sent) == 1
+
+
+async def test_revoke_makes_a_working_token_refused(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """After /_sim/revoke the token answers "has been invalidated" while its team still has
+    another instance, "authentication process has failed" once it opens none, and undo=1
+    restores it."""
+    mate = SimInstance("68B2F1A0C3D4F", A.access_token, "6281111111111:2@s.whatsapp.net")
+    sim = Simulator([A, B, mate], str(tmp_path / "app.log"))
+    async with running(sim) as base:
+
+        async def revoke(inst: SimInstance, undo: str = "0") -> object:
+            params = {"instance_id": inst.instance_id, "undo": undo}
+            async with http.post(f"{base}/_sim/revoke", params=params) as resp:
+                assert resp.status == 200
+                return await resp.json()
+
+        assert "message" in (await send(http, base))[1]
+        assert await revoke(A) == {"ok": True, "revoked": [A.instance_id]}
+        after_a = await send(http, base)
+        mate_still = await send(http, base, mate)
+        await revoke(B)
+        after_b = await send(http, base, B)
+        await revoke(A, undo="1")
+        restored = await send(http, base)
+        async with http.get(f"{base}/_sim/stats") as resp:
+            stats = await resp.json()
+    assert after_a == (200, {"status": "error", "message": INVALIDATED})
+    assert "message" in mate_still[1]
+    assert after_b == (200, {"status": "error", "message": AUTH_FAILED})
+    assert "message" in restored[1]
+    assert stats["revoked"] == [B.instance_id]
+    assert [r["instance_id"] for r in sim.sent] == [A.instance_id, mate.instance_id, A.instance_id]
+
+
+async def test_json_body_is_not_parsed(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """A JSON body has no fields for api-blast's urlencoded parser, so the send has no chat_id:
+    Baileys rejects it, api-blast answers a bare success and prints phone_number: undefined."""
+    log = tmp_path / "app.log"
+    sim = Simulator(DEFAULT_INSTANCES, str(log), "stock")
     async with running(sim) as base:
         payload = {"chat_id": CHAT, "caption": "x"}
         async with http.post(f"{base}/send_message", params=auth(A), json=payload) as resp:
             body = await resp.json()
-    assert resp.status == 200
-    assert body["status"] == "error"
+    assert (resp.status, body) == (200, {"status": "success"})
     assert sim.sent == []
+    assert [(r["chat_id"], r["reason"]) for r in sim.rejected] == [("", "chat_id")]
+    failed = "{ status: 0, type: 'api', phone_number: undefined, stats: true }\n"
+    assert failed in log.read_text(encoding="utf-8")
 
 
-async def test_instance_route_reports_data_only_when_connected(
+async def test_instance_route_answers_account_even_while_disconnected(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    """GET /instance succeeds either way but carries the jid only while connected."""
+    """GET /instance answers the account whenever credentials exist, also with the socket
+    down (success does not mean connected), with api-blast's generated avatar."""
     sim = Simulator(DEFAULT_INSTANCES, str(tmp_path / "app.log"))
     async with running(sim) as base:
         async with http.get(f"{base}/instance", params=auth(A)) as resp:
@@ -199,9 +320,97 @@ async def test_instance_route_reports_data_only_when_connected(
         sim.drop(A.instance_id, 428, reconnect_ms=60000)
         async with http.get(f"{base}/instance", params=auth(A)) as resp:
             down = await resp.json()
-    assert up["status"] == "success"
-    assert up["data"]["id"] == A.jid
-    assert down == {"status": "success", "message": "Success", "data": None}
+    who = Profile.of(A)
+    data = {"id": A.jid, "name": who.name, "lid": who.lid, "avatar": who.avatar}
+    assert up == {"status": "success", "message": "Success", "data": data}
+    assert down == up
+    assert list(up["data"]) == ["id", "name", "lid", "avatar"]
+    assert who.avatar.startswith("https://ui-avatars.com/api/?name=Sim%2068B2F1&")
+
+
+async def test_unpaired_instance_answers_relogin_until_login(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """An instance that never paired prints no open lines, answers relogin on GET /instance
+    and "not sent" to a send, and works normally after POST /_sim/login."""
+    log = tmp_path / "app.log"
+    sim = Simulator(DEFAULT_INSTANCES, str(log), "stock", unpaired={B.instance_id})
+    async with running(sim) as base:
+        assert sim.state(B.instance_id) is SessionState.UNPAIRED
+        boot = log.read_text(encoding="utf-8")
+        async with http.get(f"{base}/instance", params=auth(B)) as resp:
+            relogin = await resp.json()
+        not_sent = await send(http, base, B)
+        control = {"instance_id": B.instance_id}
+        async with http.post(f"{base}/_sim/drop", params=control) as resp:
+            assert resp.status == 409
+        async with http.post(f"{base}/_sim/login", params=control) as resp:
+            assert resp.status == 200
+        async with http.get(f"{base}/instance", params=auth(B)) as resp:
+            paired = await resp.json()
+        status, delivered = await send(http, base, B)
+    assert f"id: '{A.jid}'" in boot and B.jid not in boot
+    assert relogin == {"status": "error", "message": "Error", "relogin": True}
+    assert not_sent == (200, {"status": "success"})
+    assert [(r["instance_id"], r["reason"]) for r in sim.rejected] == [(B.instance_id, "session")]
+    assert paired["data"]["id"] == B.jid
+    assert status == 200 and "key" in delivered["message"]
+    with pytest.raises(ValueError, match="unknown unpaired"):
+        Simulator(DEFAULT_INSTANCES, None, unpaired=["NOPE000000000"])
+
+
+@pytest.mark.parametrize("how", ["401", "logout"])
+async def test_logged_out_instance_answers_relogin(
+    tmp_path: Path, http: aiohttp.ClientSession, how: str
+) -> None:
+    """A 401 drop or GET /logout leaves no credentials: GET /instance answers relogin."""
+    sim = Simulator(DEFAULT_INSTANCES, str(tmp_path / "app.log"))
+    async with running(sim) as base:
+        if how == "401":
+            sim.drop(A.instance_id, 401)
+        else:
+            async with http.get(f"{base}/logout", params=auth(A)) as resp:
+                assert await resp.json() == {"status": "success", "message": "Success"}
+        async with http.get(f"{base}/instance", params=auth(A)) as resp:
+            body = await resp.json()
+        not_sent = await send(http, base)
+    assert body == {"status": "error", "message": "Error", "relogin": True}
+    assert not_sent == (200, {"status": "success"})
+    assert sim.state(A.instance_id) is SessionState.LOGGED_OUT
+
+
+async def test_logout_checks_no_token(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """GET /logout needs only the instance id; a second call, an unknown instance or a missing
+    id answer "This account seems to have logged out before."."""
+    sim = Simulator(DEFAULT_INSTANCES, str(tmp_path / "app.log"))
+    before = {"status": "error", "message": LOGGED_OUT_BEFORE}
+    answers = []
+    async with running(sim) as base:
+        for params in (
+            {"instance_id": A.instance_id, "access_token": "wrong"},
+            {"instance_id": A.instance_id},
+            {"instance_id": "UNKNOWN0000000"},
+            {},
+        ):
+            async with http.get(f"{base}/logout", params=params) as resp:
+                answers.append((resp.status, await resp.json()))
+    assert answers == [
+        (200, {"status": "success", "message": "Success"}),
+        (200, before),
+        (200, before),
+        (200, before),
+    ]
+    assert sim.state(A.instance_id) is SessionState.LOGGED_OUT
+    assert sim.state(B.instance_id) is SessionState.CONNECTED
+    assert sim.calls["logout"] == 4
+
+
+async def test_root_answers_welcome(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """GET / answers stock api-blast's welcome body."""
+    sim = Simulator(DEFAULT_INSTANCES, str(tmp_path / "app.log"))
+    async with running(sim) as base, http.get(f"{base}/") as resp:
+        body = await resp.json()
+    assert body == {"status": "success", "message": "Welcome to WAZIPER"}
 
 
 async def test_get_qrcode_is_counted(tmp_path: Path, http: aiohttp.ClientSession) -> None:
@@ -290,6 +499,188 @@ async def test_variant_route_queues_while_dropped(
     assert sim.calls["send-message"] == 2
 
 
+async def post_send(
+    http: aiohttp.ClientSession, base: str, inst: SimInstance = A, **form: str
+) -> tuple[int, dict[str, object]]:
+    """POST /send_message with the given form fields."""
+    async with http.post(f"{base}/send_message", params=auth(inst), data=form) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_messages_baileys_rejects_answer_bare_success_while_up(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """With the session up, a chat_id or media_url Baileys cannot use (built-in rules, the
+    constructor sets and /_sim/bad) answers {"status":"success"} without message, is recorded as
+    rejected with its reason, and does not hold back the next good send."""
+    sim = Simulator(
+        DEFAULT_INSTANCES,
+        str(tmp_path / "app.log"),
+        bad_chat_ids={"6280000000000@c.us"},
+        bad_media_urls={"https://cdn.example/gone.jpg"},
+    )
+    cases = [
+        ({"chat_id": "abc", "caption": "no at"}, "chat_id"),
+        ({"chat_id": "@c.us", "caption": "no user"}, "chat_id"),
+        ({"chat_id": "6280000000000@c.us", "caption": "declared"}, "chat_id"),
+        ({"chat_id": "6289999999999@c.us", "caption": "control"}, "chat_id"),
+        ({"chat_id": CHAT, "media_url": "https://cdn.example/404/a.jpg"}, "media_url"),
+        ({"chat_id": CHAT, "media_url": "ftp://cdn.example/a.jpg"}, "media_url"),
+        ({"chat_id": CHAT, "media_url": "https://cdn.example/gone.jpg"}, "media_url"),
+        ({"chat_id": CHAT, "media_url": "https://cdn.example/later.pdf"}, "media_url"),
+    ]
+    async with running(sim) as base:
+        bad = {"chat_id": "6289999999999@c.us", "media_url": "https://cdn.example/later.pdf"}
+        async with http.post(f"{base}/_sim/bad", params=bad) as resp:
+            assert resp.status == 200
+        async with http.post(f"{base}/_sim/bad") as resp:
+            assert resp.status == 400
+        answers = [await post_send(http, base, **form) for form, _ in cases]
+        good = await post_send(http, base, chat_id=CHAT, caption="fine")
+        async with http.get(f"{base}/_sim/stats") as resp:
+            stats = await resp.json()
+    assert answers == [(200, {"status": "success"})] * len(cases)
+    assert [r["reason"] for r in sim.rejected] == [reason for _, reason in cases]
+    assert [r["id"] for r in sim.rejected] == [""] * len(cases)
+    assert sim.rejected[4]["media_url"] == "https://cdn.example/404/a.jpg"
+    assert good[0] == 200 and "message" in good[1]
+    assert [r["caption"] for r in sim.sent] == ["fine"]
+    assert stats["rejected"] == sim.rejected
+    assert stats["send_handler_runs"] == len(cases) + 1
+    assert sim.state(A.instance_id) is SessionState.CONNECTED
+
+
+async def test_media_url_sends_a_media_message_with_the_caption(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A form with media_url is delivered as an image or document whose caption is the
+    caption, and the delivery record keeps the media_url."""
+    sim = Simulator(DEFAULT_INSTANCES, str(tmp_path / "app.log"))
+    async with running(sim) as base:
+        _, image = await post_send(
+            http, base, chat_id=CHAT, caption="Foto", media_url="https://cdn.example/p/a.jpg"
+        )
+        _, document = await post_send(
+            http,
+            base,
+            chat_id=CHAT,
+            caption="Faktur",
+            media_url="https://cdn.example/f/inv.pdf",
+            filename="faktur.pdf",
+        )
+    image_msg = image["message"]
+    assert isinstance(image_msg, dict)
+    content = image_msg["message"]["imageMessage"]
+    assert (content["caption"], content["mimetype"]) == ("Foto", "image/jpeg")
+    assert image_msg["status"] == "SUCCESS"
+    document_msg = document["message"]
+    assert isinstance(document_msg, dict)
+    doc = document_msg["message"]["documentMessage"]
+    assert (doc["caption"], doc["fileName"], doc["mimetype"]) == (
+        "Faktur",
+        "faktur.pdf",
+        "application/pdf",
+    )
+    assert [r["media_url"] for r in sim.sent] == [
+        "https://cdn.example/p/a.jpg",
+        "https://cdn.example/f/inv.pdf",
+    ]
+
+
+async def test_routes_are_matched_like_express(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Any letter case and one trailing slash reach api-blast's handlers (and their counters);
+    other paths or methods get Express's 404 page and count nothing."""
+    sim = Simulator(DEFAULT_INSTANCES, str(tmp_path / "app.log"))
+    form = {"chat_id": CHAT, "caption": "x"}
+    async with running(sim) as base:
+        delivered = []
+        for path in ("/Send_Message", "/send_message/"):
+            async with http.post(f"{base}{path}", params=auth(A), data=form) as resp:
+                delivered.append("message" in await resp.json())
+        variant = f"{base}/SEND-MESSAGE/{A.instance_id}/"
+        async with http.post(variant, params={"access_token": A.access_token}, data=form) as resp:
+            delivered.append("message" in await resp.json())
+        async with http.head(f"{base}/INSTANCE/", params=auth(A)) as resp:
+            head_status = resp.status
+        missing = []
+        for method, path in (("POST", "/send_messages"), ("GET", "/send_message")):
+            async with http.request(method, f"{base}{path}", params=auth(A)) as resp:
+                missing.append((resp.status, resp.content_type, await resp.text()))
+    assert delivered == [True, True, True]
+    assert head_status == 200
+    assert missing[0][:2] == (404, "text/html")
+    assert "<pre>Cannot POST /send_messages</pre>" in missing[0][2]
+    assert "<pre>Cannot GET /send_message</pre>" in missing[1][2]
+    assert (sim.calls["send_message"], sim.calls["send-message"], sim.calls["instance"]) == (
+        2,
+        1,
+        1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "matches"),
+    [
+        ("/send_message", True),
+        ("/SEND_message/", True),
+        ("/send_message//", False),
+        ("/send_message/x", False),
+        ("/send%5Fmessage", False),
+        ("/\u017fend_message", False),
+        ("/send_messa\u212ae", False),
+        ("/xsend_message", False),
+    ],
+)
+def test_express_pattern_table(path: str, matches: bool) -> None:
+    """express_pattern accepts exactly the spellings Express 4 routes to /send_message."""
+    assert (express_pattern("/send_message").match(path) is not None) is matches
+
+
+def test_express_pattern_path_parameter() -> None:
+    """A :name segment matches one non-empty path segment, with or without a trailing slash."""
+    pattern = express_pattern("/send-message/:instance_id")
+    match = pattern.match("/Send-Message/6880714A02801/")
+    assert match is not None and match["instance_id"] == "6880714A02801"
+    assert pattern.match("/send-message/") is None
+    assert pattern.match("/send-message/a/b") is None
+    assert express_pattern("/").match("") is not None
+
+
+@pytest.mark.parametrize(
+    ("chat_id", "plausible"),
+    [
+        ("6281234567890@c.us", True),
+        ("120363025246125486@g.us", True),
+        ("abc", False),
+        ("@c.us", False),
+        ("628@", False),
+        ("", False),
+    ],
+)
+def test_plausible_jid_table(chat_id: str, plausible: bool) -> None:
+    """Only user@server with both parts is a jid Baileys can address."""
+    assert plausible_jid(chat_id) is plausible
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("https://cdn.example/a.jpg", True),
+        ("HTTP://cdn.example/a.jpg", True),
+        ("https://cdn.example/404", False),
+        ("https://cdn.example/x/404.png", False),
+        ("ftp://cdn.example/a.jpg", False),
+        ("file:///etc/passwd", False),
+        ("a.jpg", False),
+        ("https:///a.jpg", False),
+        ("http://[::1", False),
+    ],
+)
+def test_fetchable_table(url: str, ok: bool) -> None:
+    """A media_url is fetchable only over http(s), with a host, and without /404 in its path."""
+    assert fetchable(url) is ok
+
+
 # ---------------------------------------------------------------------------------------------
 # Console output
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +758,84 @@ def test_send_dumps_match_fixtures() -> None:
     assert "\n".join(failed) + "\n" in stock
     assert "\n".join(queued[2:]) + "\n" in variant
     assert queued[1] == f"📥 Message queued for {A.instance_id}: msg_1753249878123_k2j9x1abc"
+
+
+def _offline_run() -> Path | None:
+    """The real stock run's console (kept in the shared fixtures only)."""
+    for folder in (ROOT / "tests" / "fixtures", ROOT.parent / "shared" / "fixtures"):
+        if (folder / "apiblast_offline_run.log").is_file():
+            return folder / "apiblast_offline_run.log"
+    return None
+
+
+@pytest.mark.skipif(_offline_run() is None, reason="apiblast_offline_run.log not found")
+@pytest.mark.parametrize("fmt", ["pino", "variant", "stock"])
+def test_every_format_prints_the_stock_failure_line(fmt: str) -> None:
+    """Each format renders a not-sent result exactly as the real stock run printed it."""
+    offline_run = _offline_run()
+    assert offline_run is not None
+    real = offline_run.read_text(encoding="utf-8")
+    renderer = {
+        "pino": PinoFormat(SystemClock(), 1, "host"),
+        "variant": VariantFormat(),
+        "stock": StockFormat(),
+    }[fmt]
+    failed = renderer.send_result(Profile.of(A), "6281234567890@c.us", None, 0)
+    assert failed == [
+        "{",
+        "  status: 0,",
+        "  type: 'api',",
+        "  phone_number: '6281234567890@c.us',",
+        "  stats: true",
+        "}",
+    ]
+    assert "\n" + "\n".join(failed) + "\n" in real
+    short = renderer.send_result(Profile.of(A), "abc", None, 0)
+    assert short == ["{ status: 0, type: 'api', phone_number: 'abc', stats: true }"]
+
+
+@pytest.mark.parametrize("fmt", ["pino", "variant", "stock"])
+async def test_every_not_sent_answer_prints_a_failure_line(
+    tmp_path: Path, http: aiohttp.ClientSession, fmt: str
+) -> None:
+    """Whatever made a send fail (a rejected chat_id or media_url, a scripted no_message, the
+    session down), the console gets one status: 0 record naming its chat_id; a delivery gets
+    one status: 1 record."""
+    log = tmp_path / "app.log"
+    sim = Simulator(DEFAULT_INSTANCES, str(log), fmt)  # type: ignore[arg-type]
+    async with running(sim) as base:
+        await post_send(http, base, chat_id="abc", caption="1")
+        await post_send(http, base, chat_id="6281000000001@c.us", media_url="ftp://x/a.jpg")
+        sim.fail(A.instance_id, "no_message")
+        await post_send(http, base, chat_id="6281000000002@c.us", caption="3")
+        await post_send(http, base, chat_id="6281000000003@c.us", caption="4")
+        sim.drop(A.instance_id, 428, reconnect_ms=60000)
+        await post_send(http, base, chat_id="6281000000004@c.us", caption="5")
+    text = log.read_text(encoding="utf-8")
+    assert "{ status: 0, type: 'api', phone_number: 'abc', stats: true }\n" in text
+    for n in (1, 2, 4):
+        block = (
+            "{\n  status: 0,\n  type: 'api',\n"
+            f"  phone_number: '628100000000{n}@c.us',\n  stats: true\n}}\n"
+        )
+        assert text.count(block) == 1, n
+    assert text.count("  status: 0,\n") == 3
+    assert text.count("  status: 1,\n") == 1
+    assert "  phone_number: '6281000000003@c.us',\n  stats: true,\n  message: WebMessageInfo {" in (
+        text
+    )
+    assert len(sim.rejected) == 4
+
+
+async def test_media_delivery_dump_names_the_message_kind(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The success record of a media send shows its kind inside Message { … }."""
+    log = tmp_path / "app.log"
+    sim = Simulator(DEFAULT_INSTANCES, str(log), "stock")
+    async with running(sim) as base:
+        await post_send(http, base, chat_id=CHAT, media_url="https://cdn.example/v.mp4")
+    assert "    message: Message { videoMessage: [VideoMessage] },\n" in log.read_text()
 
 
 def test_inspect_object_wraps_like_node() -> None:
@@ -530,6 +999,37 @@ def test_cli_options_parse() -> None:
         parser.parse_args(["--drop", "1:6880714A02801:999"])
 
 
+def test_cli_failure_flags_build_the_simulator() -> None:
+    """--unpaired, --bad-chat-id, --bad-media-url and --license-invalid reach the Simulator."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--unpaired",
+            B.instance_id,
+            "--bad-chat-id",
+            "628111@c.us",
+            "--bad-chat-id",
+            "628222@c.us",
+            "--bad-media-url",
+            "https://cdn.example/x.png",
+            "--license-invalid",
+        ]
+    )
+    sim = simulator_from_args(args)
+    assert sim.state(B.instance_id) is SessionState.UNPAIRED
+    assert sim.state(A.instance_id) is SessionState.CONNECTED
+    assert sim.unsendable("628111@c.us") == "chat_id"
+    assert sim.unsendable("628222@c.us") == "chat_id"
+    assert sim.unsendable(CHAT, "https://cdn.example/x.png") == "media_url"
+    assert sim.unsendable(CHAT, "https://cdn.example/y.png") is None
+    assert sim.license_valid is False
+    assert sim.refusal(A.instance_id, A.access_token) == LICENSE_INVALID
+    defaults = simulator_from_args(parser.parse_args([]))
+    assert defaults.license_valid is True
+    assert defaults.state(B.instance_id) is SessionState.CONNECTED
+
+
 async def read_line_with(proc: asyncio.subprocess.Process, text: str) -> str:
     """Read the child's stdout until a line containing ``text`` (bounded by DEADLINE_S)."""
     assert proc.stdout is not None
@@ -575,6 +1075,44 @@ async def test_simulate_process_serves_and_stops_on_sigterm(
             code = await proc.wait()
     assert code == 0
     assert log.read_text(encoding="utf-8").startswith("WAZIPER IS LIVE\nOPEN STEP 1 {\n")
+
+
+async def test_simulate_process_honours_failure_flags(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Started with --license-invalid, --unpaired and --bad-chat-id, the process answers the
+    license error until /_sim/license?valid=1, then relogin and "not sent" as asked."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "supervisor.simulator",
+        "--port",
+        "0",
+        "--unpaired",
+        B.instance_id,
+        "--bad-chat-id",
+        CHAT,
+        "--license-invalid",
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        base = (await read_line_with(proc, "simulator listening on")).split()[-1]
+        licensed = await send(http, base)
+        async with http.post(f"{base}/_sim/license", params={"valid": "1"}) as resp:
+            assert resp.status == 200
+        bad_chat = await send(http, base)
+        async with http.get(f"{base}/instance", params=auth(B)) as resp:
+            relogin = await resp.json()
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(DEADLINE_S):
+            await proc.wait()
+    assert licensed == (200, {"status": "error", "message": LICENSE_INVALID})
+    assert bad_chat == (200, {"status": "success"})
+    assert relogin == {"status": "error", "message": "Error", "relogin": True}
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
