@@ -67,6 +67,7 @@ class Item:
 
 
 _CODE: dict[MessageState, int] = {s: i for i, s in enumerate(STATE_ORDER)}
+_UNKNOWN_CODE = _CODE[MessageState.UNKNOWN]
 _COMPACT_AT = 256  # popped head slots kept before the columns are shifted down
 
 
@@ -188,11 +189,15 @@ class ItemQueue:
 
     def first_due(self, now: float, start: int = 0) -> int:
         """0-based place of the first message at or after ``start`` whose not-before time
-        has come, or -1. Messages backing off are passed over: the ones behind them go on."""
-        nxt, h = self._next, self._h
+        has come, or -1. A message backing off after its own failure is passed over (the
+        ones behind it go on); one whose last outcome is unknown is not (api-blast may have
+        sent it: what follows waits, so first deliveries keep their order)."""
+        nxt, h, states = self._next, self._h, self._state
         for j in range(h + start, len(nxt)):
             if nxt[j] <= now:
                 return j - h
+            if states[j] == _UNKNOWN_CODE:
+                return -1
         return -1
 
     def after(self, seq: int) -> int:

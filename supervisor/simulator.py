@@ -856,6 +856,10 @@ class _FailPlan:
     mode: FailMode
     remaining: int
     hang_s: float
+    # one_message: only the first message the plan hits fails (each of its attempts, as
+    # for content api-blast cannot handle); the others pass meanwhile.
+    one_message: bool = False
+    target: _Outgoing | None = None
 
 
 # A route handler: the request and the path parameters Express would put in req.params.
@@ -1166,15 +1170,17 @@ class Simulator:
         if media_url is not None:
             self._bad_media_urls.add(media_url)
 
-    def fail(self, instance_id: str, mode: FailMode, count: int = 1, hang_ms: int = 60000) -> None:
-        """Make the next ``count`` sends for the instance fail in ``mode`` (replacing any plan)."""
+    def fail(self, instance_id: str, mode: FailMode, count: int = 1, hang_ms: int = 60000,
+             *, one_message: bool = False) -> None:
+        """Make the next ``count`` sends for the instance fail in ``mode`` (replacing any plan);
+        with ``one_message``, only the attempts of the next message sent (the same fields)."""
         self._check_instance(instance_id)
         if mode not in FAIL_MODES:
             raise ValueError(f"mode must be one of {', '.join(FAIL_MODES)}")
         if count <= 0:
             self._failures.pop(instance_id, None)
             return
-        self._failures[instance_id] = _FailPlan(mode, count, hang_ms / 1000)
+        self._failures[instance_id] = _FailPlan(mode, count, hang_ms / 1000, one_message)
 
     def reset_sent(self) -> None:
         """Forget the deliveries and the rejected sends recorded so far."""
@@ -1387,6 +1393,11 @@ class Simulator:
             form.get("filename", ""),
         )
         plan = self._failures.get(ident)
+        if plan is not None and plan.one_message:
+            if plan.target is None:
+                plan.target = message
+            elif plan.target != message:
+                plan = None  # another message: the plan waits for its own
         if plan is not None:
             plan.remaining -= 1
             if plan.remaining <= 0:
@@ -1513,14 +1524,15 @@ class Simulator:
         return web.json_response({"ok": True, "state": self.states()})
 
     async def handle_sim_fail(self, request: web.Request) -> web.Response:
-        """``POST /_sim/fail?instance_id=&mode=&count=&hang_ms=``."""
+        """``POST /_sim/fail?instance_id=&mode=&count=&hang_ms=[&one_message=1]``."""
         ident = self._control_instance(request)
         mode = request.query.get("mode", "")
         if mode not in FAIL_MODES:
             raise _bad_request(f"mode must be one of {list(FAIL_MODES)}")
         count = _int_param(request, "count", 1)
         hang_ms = _int_param(request, "hang_ms", 60000)
-        self.fail(ident, _fail_mode(mode), count, hang_ms)
+        self.fail(ident, _fail_mode(mode), count, hang_ms,
+                  one_message=request.query.get("one_message") == "1")
         return web.json_response({"ok": True})
 
     async def handle_sim_license(self, request: web.Request) -> web.Response:

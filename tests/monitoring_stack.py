@@ -94,7 +94,9 @@ class Stack:
                       f"&reconnect_ms={reconnect_ms}")
 
     def fail(self, instance_id: str, count: int, mode: str = "http500") -> None:
-        self.sim_call(f"/_sim/fail?instance_id={instance_id}&mode={mode}&count={count}")
+        """The next message sent fails ``count`` times (the others pass meanwhile)."""
+        self.sim_call(f"/_sim/fail?instance_id={instance_id}&mode={mode}&count={count}"
+                      f"&one_message=1")
 
 
 def start_stack(procs: list[Child], tmp: Path, **overrides: Any) -> Stack:

@@ -254,3 +254,21 @@ async def test_a_failed_probe_is_never_repeated_with_the_same_message(journal: J
     assert sessions.get(INST).state is SessionState.READY
     assert sender.ids("delivered")[:2] == ["q", "r"]
     await stop(replayer)
+
+
+@pytest.mark.parametrize(("items", "now", "expected"), [
+    pytest.param([(1, 0.0, "queued"), (2, 0.0, "queued")], 1.0, 0, id="head-due"),
+    pytest.param([(1, 5.0, "queued"), (2, 0.0, "queued")], 1.0, 1, id="backoff-passed-over"),
+    pytest.param([(1, 5.0, "unknown"), (2, 0.0, "queued")], 1.0, -1, id="unknown-holds"),
+    pytest.param([(1, 5.0, "queued"), (2, 5.0, "unknown"), (3, 0.0, "queued")], 1.0, -1,
+                 id="unknown-behind-a-backoff-holds"),
+    pytest.param([(1, 5.0, "queued"), (2, 6.0, "queued")], 1.0, -1, id="none-due"),
+])
+def test_first_due(items: list[tuple[int, float, str]], now: float, expected: int) -> None:
+    """The lane takes the oldest due message: past one backing off after its own failure,
+    never past one whose outcome is unknown."""
+    from supervisor.replay import Item, ItemQueue
+
+    q = ItemQueue(Item(seq, f"m{seq}", at, 1, 1, 0, MessageState(state))
+                  for seq, at, state in items)
+    assert q.first_due(now) == expected
