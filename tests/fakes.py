@@ -1,8 +1,9 @@
-"""Test doubles: a clock that tests advance by hand."""
+"""Test doubles: a clock that tests advance by hand, and a wait for replay lanes to settle on it."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 
 class FakeClock:
@@ -53,3 +54,20 @@ class FakeClock:
                 self._waiters.remove(entry)
                 if not fut.done():
                     fut.set_result(None)
+
+
+async def settle_lanes(replayer: Any, clock: FakeClock, timeout_s: float = 20.0) -> None:
+    """Wait until every lane worker of ``replayer`` has stayed idle (no send in flight,
+    blocked on the fake clock) for 10 polls in a row: a worker just woken still counts as
+    waiting."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    quiet = 0
+    while loop.time() < deadline:
+        lanes = replayer.lanes.values()
+        idle = all(lane.in_flight is None for lane in lanes) and clock.waiting == len(lanes)
+        quiet = quiet + 1 if idle else 0
+        if quiet >= 10:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the replay did not settle")

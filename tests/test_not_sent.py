@@ -7,14 +7,13 @@ In-process: a real journal file, a fake clock, a scripted sender.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from fakes import FakeClock
+from fakes import FakeClock, settle_lanes
 
 from supervisor.config import QueueConfig, SessionConfig
 from supervisor.events import ATTRIBUTION_ID, Event, EventKind
@@ -78,18 +77,7 @@ async def fill(journal: Journal, replayer: Replayer, ids: list[str]) -> None:
 
 
 async def settle(replayer: Replayer, clock: FakeClock) -> None:
-    """Wait until every lane worker stayed idle on the fake clock for 10 polls in a row."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10.0
-    quiet = 0
-    while loop.time() < deadline:
-        lanes = replayer.lanes.values()
-        idle = all(lane.in_flight is None for lane in lanes) and clock.waiting == len(lanes)
-        quiet = quiet + 1 if idle else 0
-        if quiet >= 10:
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("the replay did not settle")
+    await settle_lanes(replayer, clock)
 
 
 async def run_for(replayer: Replayer, clock: FakeClock, seconds: float, step: float = 0.5

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from fakes import FakeClock
+from fakes import FakeClock, settle_lanes
 
 from supervisor.api import lane_depths
 from supervisor.config import QueueConfig, SessionConfig
@@ -185,19 +185,7 @@ class Sender:
 
 
 async def settle(replayer: Replayer, clock: FakeClock) -> None:
-    """Wait until every lane worker has stayed idle (no send in flight, blocked on the fake
-    clock) for 10 polls in a row: a worker just woken still counts as waiting."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20.0
-    quiet = 0
-    while loop.time() < deadline:
-        lanes = replayer.lanes.values()
-        idle = all(lane.in_flight is None for lane in lanes) and clock.waiting == len(lanes)
-        quiet = quiet + 1 if idle else 0
-        if quiet >= 10:
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("the replay did not settle")
+    await settle_lanes(replayer, clock)
 
 
 async def _restarted(journal: Journal, clock: FakeClock, sender: Sender
