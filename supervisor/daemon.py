@@ -159,6 +159,9 @@ class Supervisor:
         self.replayer: Replayer | None = None
         self.proxy: Proxy | None = None
         self.auth: Authenticator | None = None
+        # The daemon's own jitter source: the process-wide one is shared with whoever else
+        # runs in the process (a test's hypothesis, which forbids using it meanwhile).
+        self._rng = random.Random()
         self.port: int = cfg.listen.port
         self._context_size = (-1, -1)
         self._context_ids: tuple[list[str], list[str]] = ([], [])
@@ -197,7 +200,7 @@ class Supervisor:
         except JournalError as exc:
             raise StartupError(exc.cause) from exc
         self.sessions = Sessions(
-            cfg.session, lambda n: next_delay_s(n, self.cfg.queue, random.random()))
+            cfg.session, lambda n: next_delay_s(n, self.cfg.queue, self._rng.random()))
         await self._restore_sessions()
         self.upstream = Upstream(cfg.upstream)
         self.replayer = replayer = Replayer(cfg.queue, self.sessions, self.journal, self._send,
@@ -312,6 +315,7 @@ class Supervisor:
             if src.type != "stdin":  # a pipe may end; a file, journal or child never does
                 self.components["tail"] = source_task
             await self._first_pass(source, source_task)
+            self.sessions.forget_drop_times()
             if self.replayer is not None:
                 self.replayer.start_sending()
             self.api.failing.pop("startup", None)

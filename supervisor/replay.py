@@ -659,7 +659,7 @@ class Replayer:
             lane.not_sent_run.clear()  # the session became ready since the run began
         drop_at = self.sessions.dropped_since(iid, now - cfg.drop_window_s)
         if drop_at is not None:
-            return Blame(True, f"a drop signal of the session ({session.last_event or 'drop'}) "
+            return Blame(True, f"a drop signal of the session ({session.last_drop or 'drop'}) "
                                f"came {now - drop_at:.1f} s before the answer")
         run = len(lane.not_sent_run | {message_id})
         if run >= cfg.not_sent_streak:
@@ -683,8 +683,8 @@ class Replayer:
             if probe or state is SessionState.READY:
                 self.sessions.note_send(lane.instance_id, False, now)
             return
-        if probe and state not in (SessionState.READY, SessionState.UNKNOWN):
-            self.sessions.note_probe_failed(lane.instance_id, now)
+        # A probe that failed this way says nothing against the session: the next probe (the
+        # next message) goes at the next pacing slot, no probe backoff.
         window = self.sessions.cfg.drop_window_s
         lane.suspects[item.id] = Suspect(now, now + window, outcome.detail)
 

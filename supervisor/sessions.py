@@ -69,6 +69,7 @@ class Session:
     # close after a 440): a send's "not sent" answer near it blames the session, not the
     # message (replay.py). Not stored: it matters for seconds only.
     last_drop_at: float | None = None
+    last_drop: str | None = None  # the event of that drop signal
     conflicts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
 
     def view_state(self, now: float, timeout_s: float) -> SessionState:
@@ -178,7 +179,7 @@ class Sessions:
         """Apply an attributed event; returns the instances whose gate may have changed."""
         if event.kind is EventKind.UPSTREAM_STARTED:
             for s in self._by_id.values():
-                s.last_drop_at = now
+                s.last_drop_at, s.last_drop = now, event.kind.value
                 self._set(s, SessionState.UNKNOWN, None, now)
                 s.dropped_at = None
                 s.guessed = False
@@ -192,7 +193,7 @@ class Sessions:
         s.last_event_at = now
         guessed = event.attribution != ATTRIBUTION_ID
         if event.kind is not EventKind.READY:
-            s.last_drop_at = now
+            s.last_drop_at, s.last_drop = now, event.kind.value
         if event.kind is EventKind.READY:
             self._on_ready(s, now)
         elif event.kind is EventKind.CONFLICT:
@@ -235,6 +236,12 @@ class Sessions:
         s = self.get(instance_id)
         s.probe_failures += 1
         s.probe_at = now + self._probe_backoff(s.probe_failures)
+
+    def forget_drop_times(self) -> None:
+        """Drop signals read so far carry no useful time (a log read at startup was written
+        earlier): from now on only signals read live are "near" a send's answer."""
+        for s in self._by_id.values():
+            s.last_drop_at = None
 
     def dropped_since(self, instance_id: str, since: float) -> float | None:
         """The time of a drop signal of ``instance_id`` at or after ``since``, else None."""

@@ -260,3 +260,17 @@ def test_first_due(items: list[tuple[int, float, str]], now: float, expected: in
     q = ItemQueue(Item(seq, f"m{seq}", at, 1, 1, 0, MessageState(state))
                   for seq, at, state in items)
     assert q.first_due(now) == expected
+
+
+def test_drop_times_read_at_startup_are_forgotten() -> None:
+    """Drop signals read while catching up with an old log are not "near" a send made after
+    the first pass; a drop read live is, and it names its event."""
+    sessions = Sessions(SessionConfig(), lambda n: 5.0 * n)
+    sessions.apply(Event(EventKind.CONFLICT, INST, 440, ATTRIBUTION_ID), 100.0)
+    sessions.apply(Event(EventKind.READY, INST, None, ATTRIBUTION_ID), 100.0)
+    assert sessions.dropped_since(INST, 99.0) == 100.0
+    sessions.forget_drop_times()
+    assert sessions.dropped_since(INST, 0.0) is None
+    sessions.apply(Event(EventKind.DISCONNECTED, INST, 428, ATTRIBUTION_ID), 200.0)
+    assert sessions.dropped_since(INST, 198.0) == 200.0
+    assert sessions.get(INST).last_drop == "disconnected"
