@@ -44,7 +44,10 @@ def bearer_problem(header: str | None, admin_token: str | None) -> tuple[int, st
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return 401, "the Authorization header must be 'Bearer <admin token>'"
-    if not hmac.compare_digest(token.strip().encode(), admin_token.encode()):
+    # surrogatepass: a header's bytes that are not text (aiohttp keeps them as surrogates)
+    # compare unequal instead of raising.
+    if not hmac.compare_digest(token.strip().encode("utf-8", "surrogatepass"),
+                               admin_token.encode("utf-8", "surrogatepass")):
         return 401, "the admin token is not valid (auth.admin_token)"
     return None
 

@@ -23,6 +23,7 @@ from .health import (
     GlobalFacts,
     Health,
     Limits,
+    explain,
     global_health,
     instance_health,
     recommend,
@@ -197,7 +198,8 @@ class Api:
             "success_rate": rate,
             "first_attempt_rate": stats.window.first_attempt_rate,
             "health": health.value,
-            "recommendations": [r.as_dict() for r in recommend(facts, limits)],
+            "recommendations": [r.as_dict() for r in
+                                explain(health, facts, limits, recommend(facts, limits))],
         }
 
     async def overview(self) -> dict[str, Any]:
@@ -322,7 +324,8 @@ class Api:
         """The compatible ``/queue-status/{instance_id}`` answer (plus health and session).
 
         ``stats`` counts since the first outcome (like the patched api-blast's counters);
-        ``successRate`` is over ``monitoring.window_s`` (100 while nothing finished there).
+        ``successRate`` is over ``monitoring.window_s``: null while nothing finished there
+        (``successRateText`` then says "no data"; a rate of nothing is not 100).
         """
         instance_id = request.match_info["instance_id"]
         verdict = await self.auth.check(instance_id, request.query.get("access_token"))
@@ -349,7 +352,8 @@ class Api:
                 "failed": total["dead"],
                 "retry": q["retrying"],
             },
-            "successRate": rate if rate is not None else 100.0,
+            "successRate": rate,
+            "successRateText": "no data" if rate is None else f"{rate:g} %",
             "recommendations": [r["text"] for r in summary["recommendations"]],
             "health": summary["health"],
             "session": summary["session"],

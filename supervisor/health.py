@@ -363,6 +363,38 @@ def recommend_global(facts: GlobalFacts, limits: Limits,
     return out
 
 
+def explain(health: Health, facts: Facts, limits: Limits,
+            recommendations: list[Recommendation]) -> list[Recommendation]:
+    """``recommendations``, plus one that says why when ``health`` is warning or critical
+    and no warning or critical recommendation says it already (a health that is not good
+    always comes with something to do)."""
+    if health is Health.HEALTHY or any(r.severity is not Severity.INFO
+                                       for r in recommendations):
+        return recommendations
+    severity = Severity.CRITICAL if health is Health.CRITICAL else Severity.WARNING
+    reasons: list[str] = []
+    evidence: Evidence = {"health": health.value, "state": facts.state.value,
+                          "queued": facts.queued, "success_rate": facts.success_rate}
+    if facts.state in DEGRADED_STATES:
+        reasons.append(f"the session is {facts.state.value}: its sends are held until "
+                       f"api-blast reports it ready; if that lasts, look at api-blast's log and "
+                       f"its process")
+    if facts.queued >= limits.healthy_max_queue:
+        reasons.append(f"{facts.queued} messages wait (monitoring.healthy.max_queue is "
+                       f"{limits.healthy_max_queue}); they go out at most one per "
+                       f"{limits.process_interval_s:g} s once the session is ready: send less "
+                       f"often, or check why the session is not ready")
+    if facts.success_rate is not None and facts.success_rate < 100.0 and not reasons:
+        reasons.append(f"the success rate is {facts.success_rate:g} % over "
+                       f"{duration(limits.window_s)}: look at the dead messages "
+                       f"(GET /supervisor/messages?state=dead) and why they failed")
+    if not reasons:
+        reasons.append("the figures are below the monitoring thresholds: see the queue and "
+                       "the success rate of this instance")
+    return [*recommendations, Recommendation("health_explained", severity, facts.instance_id,
+                                             "; ".join(reasons), evidence)]
+
+
 def recommend(facts: Facts, limits: Limits,
               rules: Iterable[Rule] = RULES) -> list[Recommendation]:
     """Every rule that fires for ``facts``, in rule order, minus the ones a firing rule hides."""

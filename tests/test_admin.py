@@ -63,6 +63,9 @@ def _dead_on_arrival(port: int, caption: str) -> str:
     ("Basic cmlnaHQ=", "right", 401),
     ("right", "right", 401),
     ("Bearer righ", "right", 401),
+    ("Bearer r\u00e9ght", "right", 401),  # non-ASCII text
+    ("Bearer \udcff\udc80", "right", 401),  # bytes that are not UTF-8, as aiohttp keeps them
+    ("Bearer \ud800", "right", 401),  # a lone surrogate
 ])
 def test_bearer_problem(header: str | None, configured: str | None,
                         status: int | None) -> None:

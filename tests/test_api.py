@@ -77,6 +77,7 @@ def test_queue_status_is_compatible(stack: Stack) -> None:
         assert isinstance(data[key], int)
     assert data["stats"]["success"] >= 1
     assert isinstance(data["successRate"], float)
+    assert data["successRateText"] == f"{data['successRate']:g} %"
     assert isinstance(data["recommendations"], list)
     assert data["health"] in ("healthy", "warning", "critical")
     assert data["session"]["state"] == "ready"
@@ -200,3 +201,23 @@ def test_api_blast_down_is_critical_with_advice(tmp_path: Path, children: list[C
     per = next(r for r in s.instance(INSTANCE)["recommendations"]
                if r["rule"] == "upstream_unreachable")
     assert per["evidence"]["failed_connections"] >= 1
+
+
+def test_queue_status_with_nothing_finished_says_no_data(tmp_path: Path,
+                                                         children: list[Child]) -> None:
+    """A logged-out instance holding messages, none finished: successRate is null with
+    successRateText "no data" (never 100), health is critical and a recommendation says
+    what to do."""
+    s = start_stack(children, tmp_path)
+    s.drop(INSTANCE2, 401)
+    wait_until(lambda: s.instance(INSTANCE2)["session"]["state"] == "logged_out", 10,
+               "the logout seen")
+    for n in range(3):
+        s.send_ok(f"held {n}", INSTANCE2)
+    status, _, doc = http("GET", f"{s.base}/queue-status/{INSTANCE2}?access_token={TOKEN2}")
+    assert status == 200, doc
+    data = doc["data"]
+    assert data["successRate"] is None and data["successRateText"] == "no data", data
+    assert data["stats"]["success"] == 0 and data["stats"]["failed"] == 0
+    assert data["health"] == "critical"
+    assert data["recommendations"], data

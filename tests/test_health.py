@@ -14,6 +14,7 @@ from supervisor.health import (
     Health,
     Limits,
     Severity,
+    explain,
     figures_health,
     global_health,
     instance_health,
@@ -251,3 +252,32 @@ def test_supervisor_wide_rules(facts: GlobalFacts, rules: list[str], health: Hea
         assert w in recs[0].text, (w, recs[0].text)
     for r in recs:
         assert r.instance_id is None and r.evidence
+
+
+@pytest.mark.parametrize(("facts", "figures"), [
+    pytest.param(Facts("X", state=S.DISCONNECTED, queued=3), (None, 3),
+                 id="held-by-a-drop"),
+    pytest.param(Facts("X", state=S.READY, queued=20), (None, 20), id="queue-over-the-band"),
+    pytest.param(Facts("X", state=S.CONNECTING, queued=0), (None, 0), id="connecting"),
+    pytest.param(Facts("X", state=S.READY, queued=0, success_rate=70.0, finished=2),
+                 (70.0, 0), id="low-rate-too-few-finished"),
+    pytest.param(Facts("X", state=S.UNKNOWN, queued=20), (None, 20), id="unknown-with-a-queue"),
+])
+def test_a_health_that_is_not_good_always_says_what_to_do(facts: Facts,
+                                                          figures: tuple[float | None, int]
+                                                          ) -> None:
+    """Whenever an instance is warning or critical, at least one warning or critical
+    recommendation says why and what to do (a fallback when no rule fired)."""
+    cfg = MonitoringConfig()
+    health = instance_health(figures[0], figures[1], facts.state, cfg)
+    assert health is not Health.HEALTHY
+    recs = explain(health, facts, Limits(), recommend(facts, Limits()))
+    serious = [r for r in recs if r.severity is not Severity.INFO]
+    assert serious, recs
+    assert all(r.text for r in serious)
+
+
+def test_a_healthy_instance_gets_no_invented_advice() -> None:
+    """A healthy instance with nothing to say keeps an empty list."""
+    facts = Facts("X", state=S.READY, queued=0, success_rate=100.0, finished=10)
+    assert explain(Health.HEALTHY, facts, Limits(), recommend(facts, Limits())) == []
