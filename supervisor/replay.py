@@ -209,16 +209,18 @@ class ItemQueue:
         return min(self._next[self._h:])
 
     def counts(self) -> tuple[int, int, int]:
-        """``(queued, retrying, unknown)``: never attempted, attempted, outcome unknown."""
+        """``(queued, retrying, unknown)``: waiting (never attempted, or held for its session:
+        an attempt that did not count is no retry), retrying after a counted failure, outcome
+        unknown."""
         code, h, n = _CODE[MessageState.UNKNOWN], self._h, len(self._seq)
-        attempted = n - h - self._att[h:].count(0)  # unknown ones included
+        failing = n - h - self._fail[h:].count(0)  # unknown ones included
         unknown = 0
         j = self._state.find(code, h)
         while j >= 0:  # few: an attempt's outcome is rarely unknown
             unknown += 1
-            attempted -= self._att[j] > 0
+            failing -= self._fail[j] > 0
             j = self._state.find(code, j + 1)
-        return n - h - attempted - unknown, attempted, unknown
+        return n - h - failing - unknown, failing, unknown
 
     # ------------------------------------------------------------------ changing
 

@@ -32,8 +32,10 @@ BIG = 3 * _COMPACT_AT + 17  # more than the popped-head slots kept before a shif
 # --------------------------------------------------------------------------- ItemQueue
 
 
-def _item(seq: int, state: MessageState = M.QUEUED, attempts: int = 0) -> Item:
-    return Item(seq, f"id{seq}", 100.0 + seq / 8, attempts, attempts // 2, 0, state)
+def _item(seq: int, state: MessageState = M.QUEUED, attempts: int = 0,
+          failures: int | None = None) -> Item:
+    return Item(seq, f"id{seq}", 100.0 + seq / 8, attempts,
+                attempts // 2 if failures is None else failures, 0, state)
 
 
 def test_item_queue_behaves_like_a_sorted_list() -> None:
@@ -103,11 +105,14 @@ def test_item_queue_list_api_used_by_other_modules() -> None:
 
 def test_item_queue_counts_match_lane_depths() -> None:
     """``counts`` (what ``api.lane_depths`` reports) matches a count made by hand on a large
-    lane whose head was compacted away."""
+    lane whose head was compacted away: retrying means a counted failure, not an attempt."""
     q = ItemQueue()
     for seq in range(1, BIG + 1):
         state = M.UNKNOWN if seq % 7 == 0 else M.QUEUED
-        q.add(_item(seq, state, attempts=1 if seq % 3 == 0 else 0))
+        # every third failed once (retrying); every fifth was sent without a counted failure
+        # (held for its session: still queued, not retrying)
+        q.add(_item(seq, state, attempts=1 if seq % 3 == 0 or seq % 5 == 0 else 0,
+                    failures=1 if seq % 3 == 0 else 0))
     for _ in range(_COMPACT_AT + 5):
         q.popleft()
     queued, retrying, unknown = q.counts()
