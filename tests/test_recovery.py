@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from aiohttp import web
 from conftest import (
@@ -457,7 +459,18 @@ def test_daemon_restarts_a_command_child_that_stops_answering_with_backoff(
                   "restart_backoff_s": 0.25, "restart_max_backoff_s": 1.0},
         process={"enabled": False})
     sup = start_supervisor(children, tmp_path, cfg, sup_port)
+    try:
+        _restarts_with_backoff(sup, sup_port)
+    finally:
+        # SIGTERM, not the fixture's SIGKILL: the daemon stops its Node child itself (a
+        # killed daemon would leave it running).
+        sup.stop(signal.SIGTERM)
+    pids = {int(p) for p in re.findall(r"started api-blast: pid (\d+)", sup.output())}
+    assert not [p for p in pids if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE], pids
 
+
+def _restarts_with_backoff(sup: Child, sup_port: int) -> None:
     def restarts() -> list[dict[str, Any]]:
         health = http("GET", f"http://127.0.0.1:{sup_port}/supervisor/health")[2]
         return [a for a in health["recovery"]["actions"] if a["action"] == "restart_child"]
