@@ -42,8 +42,8 @@ import aiohttp
 from .clock import Clock
 from .config import AuthConfig
 from .journal import Journal, JournalError
-from .outcome import LICENSE_ERROR
-from .upstream import Upstream, read_capped
+from .outcome import LICENSE_ERROR, OutcomeKind
+from .upstream import SendResult, Upstream, read_capped
 
 log = logging.getLogger(__name__)
 
@@ -339,14 +339,13 @@ class Authenticator:
         through (``/instance``, ``/get_groups``, a send). Returns ``answer``."""
         if self.cfg.mode != "upstream" or not token or len(token) > MAX_TOKEN_LENGTH:
             return answer
-        pair = (instance_id, self.hash(token))
         if answer is Answer.NONE:
             return answer
+        pair = (instance_id, self.hash(token))
+        self._checked[pair] = self.clock.monotonic()
         if answer is Answer.REFUSED:
-            self._checked[pair] = self.clock.monotonic()
             self._refuse(pair)
             return answer
-        self._checked[pair] = self.clock.monotonic()
         self._refused.pop(pair, None)
         self._trust(pair)
         self.accepted[instance_id] = token
@@ -356,6 +355,19 @@ class Authenticator:
         elif isinstance(doc, dict):
             self.learn(instance_id, doc)
         return answer
+
+    def learn_send(self, instance_id: str, query: str, result: SendResult) -> None:
+        """Read the answer to a send (its raw ``query`` holds the token): delivered or "not
+        sent" passed api-blast's gate (no need to read the body again); anything else is read
+        like any answer that passed through."""
+        if not result.status:
+            return  # no answer
+        token = query_token(query)
+        if result.outcome.kind in (OutcomeKind.DELIVERED, OutcomeKind.NOT_SENT):
+            if self.cfg.mode == "upstream" and token:
+                self.apply(instance_id, token, Answer.ACCEPTED)
+            return
+        self.learn_answer(instance_id, token, result.status, result.body)
 
     def learn_answer(self, instance_id: str, token: str | None, status: int,
                      body: bytes) -> None:

@@ -21,7 +21,7 @@ from . import attribution, events
 from .admin import Admin
 from .api import Api
 from .attribution import Attributor
-from .auth import Authenticator, load_key, query_token
+from .auth import Authenticator, load_key
 from .clock import Clock, SystemClock
 from .config import Config, ConfigError, validate
 from .housekeeping import Housekeeper
@@ -772,9 +772,8 @@ class Supervisor:
         assert self.upstream is not None
         result = await self.upstream.send(row.method, row.path, row.query, row.headers,
                                           row.body, self.cfg.queue.processing_timeout_s)
-        if self.auth is not None and result.status:
-            self.auth.learn_answer(row.instance_id, query_token(row.query), result.status,
-                                   result.body)
+        if self.auth is not None:
+            self.auth.learn_send(row.instance_id, row.query, result)
         return result
 
 

@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from . import validation
-from .auth import Authenticator, query_token
+from .auth import Authenticator
 from .clock import Clock
 from .config import Config, GuardedRoute
 from .journal import IdempotencyKey, Journal, JournalError, KeyInUse, MessageState, NewMessage
@@ -357,9 +357,7 @@ class Proxy:
                            ) -> tuple[SendResult, Item | None]:
         result = await self.upstream.send(msg.method, msg.path, msg.query, msg.headers,
                                           msg.body, self.cfg.queue.processing_timeout_s)
-        if result.status:
-            self.auth.learn_answer(msg.instance_id, query_token(msg.query), result.status,
-                                   result.body)
+        self.auth.learn_send(msg.instance_id, msg.query, result)
         requeued = await self.replayer.finish(lane, item, result.outcome, probe)
         return result, requeued
 

@@ -212,7 +212,7 @@ class ItemQueue:
         """``(queued, retrying, unknown)``: waiting (never attempted, or held for its session:
         an attempt that did not count is no retry), retrying after a counted failure, outcome
         unknown."""
-        code, h, n = _CODE[MessageState.UNKNOWN], self._h, len(self._seq)
+        code, h, n = _UNKNOWN_CODE, self._h, len(self._seq)
         failing = n - h - self._fail[h:].count(0)  # unknown ones included
         unknown = 0
         j = self._state.find(code, h)

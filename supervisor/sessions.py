@@ -229,11 +229,6 @@ class Sessions:
             return
         if s.state in (SessionState.READY, SessionState.UNKNOWN):
             self._drop(s, SessionState.DISCONNECTED, None, now, guessed=True)
-        self.note_probe_failed(instance_id, now)
-
-    def note_probe_failed(self, instance_id: str, now: float) -> None:
-        """A probe was not sent: the next one waits for the probe backoff (the state stays)."""
-        s = self.get(instance_id)
         s.probe_failures += 1
         s.probe_at = now + self._probe_backoff(s.probe_failures)
 

@@ -427,7 +427,24 @@ def _timestamp_ms(clock: Clock) -> int:
     return int(clock.time() * 1000)
 
 
-class PinoFormat:
+class _SendResultLine:
+    """What every console format shares: api-blast's own ``console.log(result)`` after each
+    send, printed whatever the Baileys logger is."""
+
+    def send_result(
+        self,
+        who: Profile,
+        chat_id: str | None,
+        message_id: str | None,
+        ts: int,
+        *,
+        kind: str = "extendedTextMessage",
+    ) -> list[str]:
+        """See :meth:`ConsoleFormat.send_result`."""
+        return _send_dump(chat_id, message_id, ts, kind=kind)
+
+
+class PinoFormat(_SendResultLine):
     """Baileys JSON lines, with the one-line api-blast patch ``P({level:'info'}).child(...)``.
 
     Field order is pino's: level, time (epoch ms), pid, hostname, the child binding
@@ -518,18 +535,6 @@ class PinoFormat:
         # Baileys logs nothing when it makes a QR code.
         return []
 
-    def send_result(
-        self,
-        who: Profile,
-        chat_id: str | None,
-        message_id: str | None,
-        ts: int,
-        *,
-        kind: str = "extendedTextMessage",
-    ) -> list[str]:
-        # api-blast's own console.log(result) is printed whatever the Baileys logger is.
-        return _send_dump(chat_id, message_id, ts, kind=kind)
-
     def queued(self, who: Profile, chat_id: str, queued_id: str) -> list[str]:
         return []
 
@@ -599,7 +604,7 @@ def _send_dump(
     return inspect_object(entries).split("\n")
 
 
-class VariantFormat:
+class VariantFormat(_SendResultLine):
     """The patched api-blast (``/send-message/:id``, own queue): emoji lines and Boom dumps."""
 
     def boot(self) -> list[str]:
@@ -697,17 +702,6 @@ class VariantFormat:
             f"QR code generated successfully for instance: {x}",
         ]
 
-    def send_result(
-        self,
-        who: Profile,
-        chat_id: str | None,
-        message_id: str | None,
-        ts: int,
-        *,
-        kind: str = "extendedTextMessage",
-    ) -> list[str]:
-        return _send_dump(chat_id, message_id, ts, kind=kind)
-
     def queued(self, who: Profile, chat_id: str, queued_id: str) -> list[str]:
         x = who.instance_id
         dump = inspect_object(
@@ -728,7 +722,7 @@ class VariantFormat:
         ]
 
 
-class StockFormat:
+class StockFormat(_SendResultLine):
     """Stock api-blast: Baileys silent, ``console.log`` dumps, no instance id anywhere."""
 
     def boot(self) -> list[str]:
@@ -755,17 +749,6 @@ class StockFormat:
 
     def qr(self, who: Profile) -> list[str]:
         return []
-
-    def send_result(
-        self,
-        who: Profile,
-        chat_id: str | None,
-        message_id: str | None,
-        ts: int,
-        *,
-        kind: str = "extendedTextMessage",
-    ) -> list[str]:
-        return _send_dump(chat_id, message_id, ts, kind=kind)
 
     def queued(self, who: Profile, chat_id: str, queued_id: str) -> list[str]:
         return []
