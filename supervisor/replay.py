@@ -626,8 +626,6 @@ class Replayer:
             self.sessions.note_send(lane.instance_id, False, now_mono)
         elif kind is OutcomeKind.UNAVAILABLE:
             lane.blocked_until = next_at
-        elif blame is not None:
-            self._not_sent(lane, item, outcome, blame, probe, now_mono)
         await self._record(item.id, progress)
         if self.on_outcome is not None:
             self.on_outcome(lane.instance_id, outcome, probe)
@@ -638,6 +636,11 @@ class Replayer:
             item.next_at = next_at
             lane.items.add(item)
             requeued = item
+        if blame is not None:
+            # Only now that the message is back in its lane: a drop signal read while the
+            # outcome was being recorded (an inline send's lane worker runs meanwhile) must
+            # find the suspect and its message together, to clear it.
+            self._not_sent(lane, item, outcome, blame, probe, now_mono)
         lane.in_flight = None
         lane.wake.set()
         self._settle_idle()

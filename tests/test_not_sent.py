@@ -7,6 +7,7 @@ In-process: a real journal file, a fake clock, a scripted sender.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -17,9 +18,9 @@ from fakes import FakeClock, settle_lanes
 
 from supervisor.config import QueueConfig, SessionConfig
 from supervisor.events import ATTRIBUTION_ID, Event, EventKind
-from supervisor.journal import Journal, MessageRow, MessageState, NewMessage
+from supervisor.journal import Journal, MessageRow, MessageState, NewMessage, Progress
 from supervisor.outcome import Outcome, OutcomeKind
-from supervisor.replay import Replayer
+from supervisor.replay import Item, Replayer
 from supervisor.sessions import Sessions, SessionState
 from supervisor.upstream import SendResult
 
@@ -193,6 +194,53 @@ async def test_a_drop_signal_just_after_the_answer_clears_the_attempt(journal: J
     assert [(n["outcome"], n["counted"]) for n in notes] == [
         ("not_sent", None), ("not_sent", False), ("delivered", False)]
     assert "after the answer" in str(notes[1]["why"])
+    await stop(replayer)
+
+
+async def test_a_drop_read_while_an_inline_outcome_is_recorded_still_clears_it(
+        journal: Journal) -> None:
+    """An inline send (the proxy's, outside the lane worker) answered "not sent"; the drop
+    line is read while that outcome is being written to the journal, and the idle lane
+    worker looks at its suspects meanwhile. The attempt is still cleared by the drop and the
+    message keeps its place: it goes out before the one queued behind it."""
+    clock = FakeClock()
+    sender = Sender()
+    sessions, replayer = make(journal, clock, sender)
+    ready(sessions, replayer, clock)
+    await settle(replayer, clock)
+    lane, action = replayer.admit(INST)
+    assert action is not None, "an empty lane on a ready session sends inline"
+    seq = await journal.insert(NewMessage("a", INST, "POST", "/send_message", "", (), b"x"),
+                               MessageState.SENDING, clock.time())
+    record = journal.record
+    hooked = False
+
+    async def drop_during_record(message_id: str, progress: Progress, now: float) -> None:
+        nonlocal hooked
+        if message_id == "a" and not hooked:
+            hooked = True
+            replayer.wake(sessions.apply(Event(EventKind.DISCONNECTED, INST, 428,
+                                               ATTRIBUTION_ID), clock.monotonic()))
+            for _ in range(1000):  # let the woken worker run its loop and wait again
+                if not lane.wake.is_set() and clock.waiting == 1:
+                    break
+                await asyncio.sleep(0)
+            else:
+                raise AssertionError("the lane worker did not run")
+        await record(message_id, progress, now)
+
+    journal.record = drop_during_record  # type: ignore[method-assign]
+    outcome = Outcome(OutcomeKind.NOT_SENT, "not sent")
+    requeued = await replayer.finish(lane, Item(seq, "a", clock.monotonic()), outcome, False)
+    assert hooked and requeued is not None
+    await fill(journal, replayer, ["b"])
+    await run_for(replayer, clock, 1.0)
+    row = await journal.get("a")
+    assert row is not None and row.state is MessageState.QUEUED and row.failures == 0
+    assert "after the answer" in str((await history(journal, "a"))[-1]["why"])
+    ready(sessions, replayer, clock)
+    await run_for(replayer, clock, 6.0)
+    assert sender.ids("delivered") == ["a", "b"], "the cleared message keeps its place"
     await stop(replayer)
 
 
