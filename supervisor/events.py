@@ -221,6 +221,9 @@ def rule(name: str, pattern: str, kind: EventKind | None, code: int | None = Non
 _ID = r"(?P<instance_id>[0-9A-Za-z]{10,20})"
 _CLOSE_PREFIX = r"(?:Last disconnect error|Connection closed, reason|connection closed due to)"
 _ERROR_NAME = r"(?:[A-Z]\w*)?Error(?: \[\w+\])?: "
+# The start of a ``connection.update`` object dump: the brace, or a short label and the brace
+# (``connection update {``).
+_DUMP_START = r"^(?:[A-Za-z][\w .]{0,40} )?\{"
 
 # Ordered: the first rule that matches a record wins.
 DEFAULT_RULES: tuple[Rule, ...] = (
@@ -264,16 +267,18 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     # An error printed with a close, without a visible statusCode: its message decides.
     rule("close_reason",
          rf"^{_CLOSE_PREFIX}:?\s+(?:{_ERROR_NAME})?(?P<message>[^\n]*)", None),
-    # ``console.log(update)`` of apps written from the Baileys README: ``output`` collapses to
-    # ``[Object]``, so only the error's message text is left to read.
+    # ``console.log(update)`` of apps written from the Baileys README, or
+    # ``console.log('connection update', update)`` of Baileys' own examples (a label before
+    # the brace): ``output`` collapses to ``[Object]``, so only the error's message text is
+    # left to read.
     rule("update_dump_close",
-         r"^\{[\s\S]*?\bconnection: 'close'"
+         rf"{_DUMP_START}[\s\S]*?\bconnection: 'close'"
          rf"(?:[\s\S]*?\berror: {_ERROR_NAME}(?P<message>[^\n]*))?",
          None, fallback=EventKind.DISCONNECTED),
-    rule("update_dump_open", r"^\{[\s\S]*?\bconnection: 'open'", EventKind.READY),
-    rule("update_dump_connecting", r"^\{[\s\S]*?\bconnection: 'connecting'",
+    rule("update_dump_open", rf"{_DUMP_START}[\s\S]*?\bconnection: 'open'", EventKind.READY),
+    rule("update_dump_connecting", rf"{_DUMP_START}[\s\S]*?\bconnection: 'connecting'",
          EventKind.CONNECTING),
-    rule("update_dump_qr", r"^\{[\s\S]*?\bqr: '", EventKind.QR),
+    rule("update_dump_qr", rf"{_DUMP_START}[\s\S]*?\bqr: '", EventKind.QR),
     rule("readme_opened", r"^opened connection\s*$", EventKind.READY),
 )
 

@@ -13,6 +13,14 @@ Three small pure pieces, used by every log source, ``parse-line`` and ``monitor`
 * :class:`Assembler` groups lines into records. A record never waits forever for its end: it is
   cut at ``max_lines`` lines, given up ``timeout_s`` after its last line, and an error that has
   only stack frames ends as soon as the source says it has nothing more to read (:meth:`idle`).
+
+What Node prints settles where a record starts and ends: ``util.inspect`` ends the first line
+of a multi-line object with its opening bracket, indents every inner line, and puts the closing
+bracket at column 0 (``}``, ``]``, ``} , reconnecting  true``); stack frames are indented
+``    at ``. So a line opens a block only when it ends with an opening bracket outside quotes,
+and a line at column 0 that closes nothing ends an open block (an app line, a pino JSON line):
+one stray line such as ``send failed: timeout [retrying`` cannot swallow the records after it.
+Only ``\n`` ends a line (form feed, NEL, U+2028 are characters of it).
 """
 
 from __future__ import annotations
@@ -38,7 +46,10 @@ _ERROR_START = re.compile(
     r"^(?:(?:Last disconnect error|Connection closed, reason|connection closed due to):? *)?"
     r"(?:[A-Z]\w*)?Error(?: \[\w+\])?: ")
 _FRAME = re.compile(r"^\s+at ")
-_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`(?:[^`\\]|\\.)*`")
+# What may begin a line inside an open block: util.inspect indents every inner line (spaces)
+# and puts the closing bracket at column 0 (``}``, ``]``, ``} , reconnecting  true``).
+_INSIDE = " \t}]"
 
 # Lines that can matter whatever the rules: a block starts only on a line holding a bracket or
 # an ``…Error: `` (and a JSON line, the only kind parse decodes, holds ``{``).
@@ -317,10 +328,25 @@ class Record:
 
 
 def _depth_change(line: str) -> int:
+    """How many blocks ``line`` opens (positive) or closes (negative).
+
+    Brackets inside quoted strings do not count. A line opens only when it ends with its
+    opening bracket, as util.inspect prints every multi-line object (``OPEN STEP 1 {``,
+    ``    at … {``, ``  output: {``): ``send failed: timeout [retrying`` opens nothing.
+    """
     if "{" not in line and "[" not in line and "}" not in line and "]" not in line:
         return 0  # most lines: no bracket, no quote scan
     bare = _QUOTED.sub("", line)
-    return bare.count("{") + bare.count("[") - bare.count("}") - bare.count("]")
+    change = bare.count("{") + bare.count("[") - bare.count("}") - bare.count("]")
+    if change > 0 and not bare.rstrip().endswith(("{", "[")):
+        return 0
+    return change
+
+
+def _outside(line: str) -> bool:
+    """Whether ``line`` cannot belong to an open block: it starts at column 0 and is no
+    closing bracket. Node prints such a line only as the start of another record."""
+    return not line or line[0] not in _INSIDE
 
 
 @dataclass(slots=True)
@@ -455,8 +481,8 @@ class Assembler:
             line = text[pos:le]
             if prefix is not None and (m := prefix.match(line)):
                 line = line[m.end():]
-            if line.startswith('{"') or (self._in_frames and self._depth == 0
-                                         and not _FRAME.match(line)):
+            if _outside(line) or (self._in_frames and self._depth == 0
+                                  and not _FRAME.match(line)):
                 # The block ends before this line, which is then read anew (_push).
                 before = len(records)
                 self._push(line, n, now, records)
@@ -492,8 +518,9 @@ class Assembler:
     def _push(self, line: str, number: int, now: float, out: list[Record]) -> None:
         """Add one line; append the records it completes to ``out``."""
         if self._lines:
-            if line.startswith('{"'):
-                # util.inspect never starts a line with a JSON key: a pino line begins anew.
+            if _outside(line):
+                # A line at column 0 that closes nothing (a pino JSON line, any app line)
+                # starts another record: the open block ended before it, unfinished.
                 out.extend(self.flush())
             elif self._in_frames and self._depth == 0 and not _FRAME.match(line):
                 out.extend(self.flush())  # an error with frames only: it ended before this line

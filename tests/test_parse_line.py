@@ -199,3 +199,17 @@ def test_monitor_on_a_terminal_redraws_one_status_line() -> None:
     assert "\r\x1b[K[blast-supervisor] 68B2F3C55B019 ready" in err
     assert "\r\x1b[K[blast-supervisor] 68B2F1A0C3D4E conflict 440 | 68B2F3C55B019 ready" in err
     assert "[blast-supervisor] line" not in err  # no per-change lines on a terminal
+
+
+def test_an_unbalanced_app_line_does_not_swallow_the_next_records() -> None:
+    """``send failed: timeout [retrying``, a 428 dump, ``State 1``, ``OPEN STEP 1 {…}``:
+    ``parse-line --json`` finds the drop and the ready, the jid with the ready."""
+    lines = STOCK.decode().split("\n")
+    dump_428, open_step = lines[40:63], lines[3:8]
+    assert dump_428[0].startswith("Error: Connection Terminated") and dump_428[-1] == "}"
+    data = "\n".join(["send failed: timeout [retrying", *dump_428, "State 1", *open_step])
+    found = _events((data + "\n").encode())
+    assert [(e["line"], e["event"], e["code"], e["jid"]) for e in found] == [
+        (2, "disconnected", 428, None),
+        (26, "ready", None, "6281234567890:21@s.whatsapp.net"),
+    ]

@@ -760,20 +760,13 @@ def test_send_dumps_match_fixtures() -> None:
     assert queued[1] == f"📥 Message queued for {A.instance_id}: msg_1753249878123_k2j9x1abc"
 
 
-def _offline_run() -> Path | None:
-    """The real stock run's console (kept in the shared fixtures only)."""
-    for folder in (ROOT / "tests" / "fixtures", ROOT.parent / "shared" / "fixtures"):
-        if (folder / "apiblast_offline_run.log").is_file():
-            return folder / "apiblast_offline_run.log"
-    return None
+OFFLINE_RUN = ROOT / "tests" / "fixtures" / "apiblast_offline_run.log"
 
 
-@pytest.mark.skipif(_offline_run() is None, reason="apiblast_offline_run.log not found")
 @pytest.mark.parametrize("fmt", ["pino", "variant", "stock"])
 def test_every_format_prints_the_stock_failure_line(fmt: str) -> None:
     """Each format renders a not-sent result exactly as the real stock run printed it."""
-    offline_run = _offline_run()
-    assert offline_run is not None
+    offline_run = OFFLINE_RUN
     real = offline_run.read_text(encoding="utf-8")
     renderer = {
         "pino": PinoFormat(SystemClock(), 1, "host"),
