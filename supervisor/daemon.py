@@ -39,7 +39,7 @@ from .proxy import Proxy
 from .recovery import Recovery
 from .relay import LocalRoutes, Relay, RelaySite
 from .replay import Lane, Replayer, next_delay_s
-from .sessions import Sessions, SessionState
+from .sessions import RestartSignal, RestartWitness, Sessions, SessionState
 from .sources import Batch, Found, Intake, Source
 from .sources.command import CommandSource
 from .sources.file import FileSource
@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_DEADLINE_S = 10.0  # in-flight sends get this long to finish on SIGTERM
 RECENT_EVENTS = 200
+SUPERVISOR_STREAM = "supervisor"  # the stream of events the daemon itself observed
 TICK_S = 5.0  # the main loop's tick when no watchdog asks for a faster one
 STATUS_REFRESH_S = 10.0  # how often the STATUS= figures are read from the journal
 OUTCOME_PRUNE_S = 60.0  # how often outcomes older than monitoring.window_s are pruned
@@ -144,6 +145,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()  # set once serving and the first log pass is done
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self.restart_witness = RestartWitness()
         self.metrics = Metrics()
         self.rules = events.compile_rules(
             (r.name, r.pattern, r.event, r.code) for r in cfg.parser.rules)
@@ -388,10 +390,24 @@ class Supervisor:
         self.metrics.registry.register(_ServiceMetrics(procwatch, recovery))
 
     def _on_upstream_restart(self, proc: ProcInfo, previous: ProcInfo | None) -> None:
-        """api-blast's pid changed: every session is unknown until it reports ready."""
-        self.apply_event(events.Event(events.EventKind.UPSTREAM_STARTED,
-                                      rule=f"process: pid {previous.pid if previous else '?'} "
-                                           f"-> {proc.pid}"))
+        """api-blast's pid changed: every session is unknown until it reports ready (unless
+        the ``WAZIPER IS LIVE`` line of this very restart was read first)."""
+        rule = f"process: pid {previous.pid if previous else '?'} -> {proc.pid}"
+        if not self._restart_confirmed(RestartSignal("process", self.clock.time(),
+                                                     proc.create_time), rule):
+            self.apply_event(events.Event(events.EventKind.UPSTREAM_STARTED, rule=rule))
+
+    def _restart_confirmed(self, signal: RestartSignal, what: str) -> bool:
+        """Whether ``signal`` is the second signal of the restart already applied: then it
+        is noted on that event, and is no event of its own."""
+        first = self.restart_witness.confirms(signal)
+        if first is None:
+            return False
+        if first.note is not None:
+            first.note["confirmed_by"] = what
+        log.info("api-blast restart confirmed by %s, %.1f s after its first signal (%s)",
+                 what, signal.at - first.at, first.source)
+        return True
 
     async def _restart_child(self, reason: str) -> None:
         if self.child is None:
@@ -698,23 +714,35 @@ class Supervisor:
         attributed = attribution.attribute(ev, known, traffic, jids,
                                            strategies=self.cfg.parser.attribution)
         changed: set[str] = set()
-        found = [Found(e, "supervisor", line) for e in attributed]
-        for f in found:
-            changed.update(self._apply_found(f))
+        found: list[Found] = []
+        for e in attributed:
+            f = Found(e, SUPERVISOR_STREAM, line)
+            touched = self._apply_found(f)
+            if touched is not None:
+                found.append(f)
+                changed.update(touched)
         self._persist(changed, found)
 
-    def _apply_found(self, f: Found) -> list[str]:
-        """Apply one attributed event: sessions, lanes, metrics, the recent-events list."""
+    def _apply_found(self, f: Found) -> list[str] | None:
+        """Apply one attributed event: sessions, lanes, metrics, the recent-events list.
+        None: the event only confirms one applied before (a restart's second signal)."""
         assert self.replayer is not None
         e = f.event
+        restart = e.kind is events.EventKind.UPSTREAM_STARTED
+        if restart and f.stream != SUPERVISOR_STREAM and self._restart_confirmed(
+                RestartSignal("log", self.clock.time()), f"{f.stream} line {f.line}"):
+            return None
         now = self.clock.monotonic()
         changed = self.sessions.apply(e, now)
         self.replayer.wake(changed)
         lane = self.replayer.lanes.get(e.instance_id or "")
         self.metrics.on_event(e, lane.depth if lane else 0, now)
-        self.recent_events.append({
-            "t": self.clock.time(), "event": e.kind.value, "instance_id": e.instance_id,
-            "code": e.code, "attribution": e.attribution, "rule": e.rule})
+        listed = {"t": self.clock.time(), "event": e.kind.value, "instance_id": e.instance_id,
+                  "code": e.code, "attribution": e.attribution, "rule": e.rule}
+        self.recent_events.append(listed)
+        pending = self.restart_witness.pending
+        if restart and pending is not None and pending.note is None:
+            pending.note = listed  # its second signal, when it comes, is noted here
         log.info("session %s: %s%s (%s, %s line %d)", e.instance_id or "*", e.kind.value,
                  f" {e.code}" if e.code else "", e.attribution, f.stream, f.line)
         return changed

@@ -6,6 +6,9 @@
 The question the replay asks is :meth:`Sessions.gate`: may a send go out now, is the next send
 a *probe*, or must it wait (and until when)? Time comes from the caller (monotonic seconds),
 so every rule here is testable with plain numbers.
+
+An api-blast restart makes every session unknown. Two signals tell of it (the ``WAZIPER IS
+LIVE`` line, a new pid): :class:`RestartWitness` makes them one event.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from .config import SessionConfig
 from .events import ATTRIBUTION_ID, Event, EventKind
@@ -328,3 +332,48 @@ class Sessions:
     def conflicts_within(self, instance_id: str, window_s: float, now: float) -> int:
         """How many conflicts ``instance_id`` had in the last ``window_s`` seconds."""
         return sum(1 for t in self.get(instance_id).conflicts if now - t <= window_s)
+
+
+RESTART_MATCH_S = 60.0  # a restart's second signal comes at most this long after the first
+START_SLACK_S = 1.0  # psutil's start time against the wall clock of a line read
+
+
+@dataclass(slots=True)
+class RestartSignal:
+    """One signal of an api-blast restart: the ``WAZIPER IS LIVE`` line read (``log``) or a
+    new pid seen by the watcher (``process``, with the new process's start time)."""
+
+    source: str
+    at: float  # wall time it was seen
+    started: float | None = None  # the new process's start (wall), for ``process``
+    note: dict[str, Any] | None = None  # what was listed for it (annotated when confirmed)
+
+
+class RestartWitness:
+    """One api-blast restart is one event, whichever of its two signals comes first; the
+    later one confirms it instead of being a second restart.
+
+    A pid change confirms a line read after its process had started (so that process printed
+    it); a line confirms a pid change seen at most :data:`RESTART_MATCH_S` earlier (a starting
+    process prints it soon). Two signals of the same kind are two restarts.
+    """
+
+    def __init__(self, match_s: float = RESTART_MATCH_S) -> None:
+        self.match_s = match_s
+        self.pending: RestartSignal | None = None  # the last restart, not yet confirmed
+
+    def confirms(self, signal: RestartSignal) -> RestartSignal | None:
+        """The earlier signal of the same restart that ``signal`` confirms (then forgotten),
+        or None: ``signal`` is a new restart, remembered until its other signal comes."""
+        first = self.pending
+        if first is not None and first.source != signal.source:
+            if signal.source == "process":
+                same = (signal.started is not None
+                        and signal.started <= first.at + START_SLACK_S)
+            else:
+                same = signal.at - first.at <= self.match_s
+            if same:
+                self.pending = None
+                return first
+        self.pending = signal
+        return None

@@ -276,3 +276,71 @@ def test_daemon_reports_duplicates_and_an_upstream_restart(
     wait_until(lambda: health_process()["restarts"] == 1, 10, "the restart to be detected")
     assert health_process()["pid"] == node2.proc.pid
     assert state() == "unknown"
+
+
+@pytest.mark.parametrize("first", ["log", "process"])
+def test_one_upstream_restart_is_one_event(tmp_path: Path, children: list[Child],
+                                           first: str) -> None:
+    """api-blast restarts: its ``WAZIPER IS LIVE`` line and the new pid (found through the
+    pid file) are one ``upstream_started`` event, whichever the daemon sees first; the second
+    only confirms it, and does not make the session (ready again meanwhile) unknown."""
+    app = _app_dir(tmp_path)
+    port = free_port()
+    node = _node(children, app, port, "api")
+    pid_file = tmp_path / "api-blast.pid"
+    pid_file.write_text(f"{node.proc.pid}\n")
+    log = tmp_path / "api-blast.log"
+    log.touch()
+    cfg, sup_port = supervisor_config(tmp_path, port, log,
+                                      process={"interval_s": 0.1, "pid_file": str(pid_file)})
+    start_supervisor(children, tmp_path, cfg, sup_port)
+    base = f"http://127.0.0.1:{sup_port}"
+
+    def health_process() -> dict[str, object]:
+        return dict(http("GET", f"{base}/supervisor/health")[2]["process"])
+
+    def restarts_listed() -> list[dict[str, object]]:
+        listed = http("GET", f"{base}/supervisor/events?limit=200")[2]["events"]
+        return [e for e in listed if e["event"] == "upstream_started"]
+
+    def state() -> str:
+        return str(http("GET", f"{base}/supervisor/instances")[2]["instances"][0]
+                   ["session"]["state"])
+
+    def send() -> None:
+        body = urllib.parse.urlencode({"chat_id": "6281234567890@c.us", "caption": "x"})
+        status, _, doc = http("POST", f"{base}/send_message?instance_id={INSTANCE}"
+                                      f"&access_token={TOKEN}", body.encode(),
+                              {"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 200, doc
+        assert state() == "ready"
+
+    wait_until(lambda: health_process()["pid"] == node.proc.pid, 10, "api-blast to be found")
+    send()
+    node.stop(signal.SIGKILL)
+    node2 = _node(children, app, port, "api2")
+
+    def line() -> None:
+        with log.open("a") as fh:
+            fh.write("WAZIPER IS LIVE\n")
+
+    def pid() -> None:
+        pid_file.write_text(f"{node2.proc.pid}\n")
+
+    signals = {"log": line, "process": pid}
+    second = "process" if first == "log" else "log"
+    signals[first]()
+    wait_until(lambda: len(restarts_listed()) == 1, 10, f"the {first} signal to be applied")
+    assert state() == "unknown"
+    send()  # ready again before the second signal comes
+    signals[second]()
+    wait_until(lambda: "confirmed_by" in restarts_listed()[0], 10,
+               f"the {second} signal to confirm the restart")
+    (event,) = restarts_listed()
+    assert str(event["confirmed_by"]).startswith("process: pid" if second == "process"
+                                                  else "file:")
+    assert health_process()["pid"] == node2.proc.pid
+    assert state() == "ready", "the confirming signal is no second restart"
+    metrics = http("GET", f"{base}/supervisor/metrics")[2].decode()
+    assert re.search(r'blast_supervisor_session_events_total\{event="upstream_started",'
+                     r'instance_id=""\} 1\.0', metrics), metrics

@@ -12,7 +12,7 @@ import pytest
 
 from supervisor.config import SessionConfig
 from supervisor.events import ATTRIBUTION_ID, Event, EventKind
-from supervisor.sessions import GateAction, Sessions, SessionState
+from supervisor.sessions import GateAction, RestartSignal, RestartWitness, Sessions, SessionState
 
 ID = "68B2F1A0C3D4E"
 OTHER = "68B2F3C55B019"
@@ -315,3 +315,30 @@ def test_last_event_is_kept() -> None:
     sessions.apply(ev(K.CONFLICT, 440), 7)
     s = sessions.get(ID)
     assert (s.last_event, s.last_event_at, s.code) == ("conflict", 7, 440)
+
+
+# --------------------------------------------------------------------------- restarts
+
+@pytest.mark.parametrize(("signals", "new"), [
+    pytest.param([("log", 100.0, None), ("process", 103.6, 99.5)], [True, False],
+                 id="line-then-pid-of-the-process-that-printed-it"),
+    pytest.param([("process", 100.0, 98.0), ("log", 101.0, None)], [True, False],
+                 id="pid-then-its-line"),
+    pytest.param([("log", 100.0, None), ("process", 130.0, 120.0)], [True, True],
+                 id="pid-of-a-process-started-after-the-line"),
+    pytest.param([("process", 100.0, 98.0), ("log", 161.0, None)], [True, True],
+                 id="line-long-after-the-pid"),
+    pytest.param([("log", 100.0, None), ("log", 101.0, None)], [True, True], id="two-lines"),
+    pytest.param([("process", 100.0, 98.0), ("process", 105.0, 104.0)], [True, True],
+                 id="two-pids"),
+    pytest.param([("log", 100.0, None), ("process", 101.0, 99.0), ("log", 102.0, None)],
+                 [True, False, True], id="a-confirmed-restart-is-not-confirmed-twice"),
+])
+def test_one_restart_is_one_event(signals: list[tuple[str, float, float | None]],
+                                  new: list[bool]) -> None:
+    """The WAZIPER IS LIVE line and the watcher's new pid are one restart, whichever comes
+    first; the second only confirms the first."""
+    witness = RestartWitness()
+    seen = [witness.confirms(RestartSignal(src, at, started)) is None
+            for src, at, started in signals]
+    assert seen == new

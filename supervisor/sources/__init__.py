@@ -90,7 +90,9 @@ class Found:
 
 # (known instances, instances with traffic, instance → phone jid), read at each record.
 Context = Callable[[], tuple[Sequence[str], Sequence[str], Mapping[str, str]]]
-Apply = Callable[[Found], Sequence[str]]  # apply one event; the instances whose state changed
+# Apply one event: the instances whose state changed, or None when it was no event of its own
+# (a second signal of one already applied, which it only confirms).
+Apply = Callable[[Found], Sequence[str] | None]
 Commit = Callable[[str, Mark | None, set[str], list[Found]], Awaitable[None]]
 
 
@@ -256,6 +258,19 @@ class Intake:
         self.stats.records += count
         self.attributor.skip(stream, count)
 
+    def _apply_all(self, attributed: Sequence[events.Event], stream: str, line: int,
+                   found: list[Found], changed: set[str]) -> None:
+        """Apply the events of one record; add those that count to ``found``."""
+        for e in attributed:
+            f = Found(e, stream, line)
+            touched = self._apply(f)
+            if touched is None:
+                continue  # it only confirmed an event applied before
+            found.append(f)
+            changed.update(touched)
+            self.stats.events += 1
+            self.stats.by_kind[e.kind.value] = self.stats.by_kind.get(e.kind.value, 0) + 1
+
     async def _handle(self, stream: str, records: list[Record], mark: Mark | None,
                       now: float, gaps: Sequence[int] | None = None,
                       tail: int = 0) -> Mark | None:
@@ -292,12 +307,7 @@ class Intake:
                           stream, rec.line, ev.kind.value)
                 if self._on_unattributed is not None:
                     self._on_unattributed(Found(ev, stream, rec.line))
-            for e in attributed:
-                f = Found(e, stream, rec.line)
-                found.append(f)
-                changed.update(self._apply(f))
-                self.stats.events += 1
-                self.stats.by_kind[e.kind.value] = self.stats.by_kind.get(e.kind.value, 0) + 1
+            self._apply_all(attributed, stream, rec.line, found, changed)
         quiet += tail
         if quiet:
             self._pass_over(st, stream, quiet)
