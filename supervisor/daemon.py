@@ -35,7 +35,7 @@ from .journal import (
     TailPosition,
 )
 from .metrics import PARSE_ERROR_NEEDLES, Metrics
-from .proxy import Proxy
+from .proxy import Proxy, framing_guard
 from .recovery import Recovery
 from .relay import LocalRoutes, Relay, RelaySite
 from .replay import Lane, Replayer, next_delay_s
@@ -223,7 +223,8 @@ class Supervisor:
         self.housekeeper = Housekeeper(cfg, self.journal, self.clock, self._restore_queue,
                                        await self._restore_queue(), replayer.record_pending)
         self._start_service_parts()
-        app = web.Application(client_max_size=cfg.limits.max_body_bytes)
+        app = web.Application(client_max_size=cfg.limits.max_body_bytes,
+                              middlewares=[framing_guard])
         if self.test_hooks:
             self._add_test_hooks(app)
         self.api.add_routes(app)

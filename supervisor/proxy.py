@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -53,11 +54,33 @@ _QUERY_ROUTE_NAMES = ("instance_id", "access_token")
 _PATH_ROUTE_NAMES = ("access_token",)
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 def json_error(status: int, message: str, headers: dict[str, str] | None = None,
                **extra: Any) -> web.Response:
     """A JSON error in api-blast's own shape (``status: error``), with a real HTTP status."""
     return web.json_response({"status": "error", "message": message, **extra}, status=status,
                              headers=headers)
+
+
+@web.middleware
+async def framing_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """For the requests aiohttp reads itself (a connection handed over by the relay, which
+    checks a connection's first request the same way): an HTTP version other than 1.0 and
+    1.1 is refused with 505 and never forwarded, and a request asking to switch protocols
+    (``Upgrade``) is answered over HTTP/1.1, then the connection closes. aiohttp's parser
+    would wait for the upgraded protocol and answer nothing pipelined behind it."""
+    if request.version not in (aiohttp.HttpVersion10, aiohttp.HttpVersion11):
+        resp: web.StreamResponse = json_error(
+            505, f"HTTP version '{request.version.major}.{request.version.minor}' is not "
+                 f"supported: send the request as HTTP/1.1")
+        resp.force_close()
+        return resp
+    resp = await handler(request)
+    if "Upgrade" in request.headers:
+        resp.force_close()
+    return resp
 
 
 async def expect_handler(request: web.BaseRequest) -> web.StreamResponse | None:
@@ -453,8 +476,19 @@ class Proxy:
             await out.write(body)
         else:
             await out.prepare(request)
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)
+            try:
+                async for chunk in resp.content.iter_any():
+                    await out.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The head is out: no error answer can follow it. Closing the connection is
+                # how the client learns that the answer is cut (it never reads an error
+                # answer inside this body, nor takes the next answer for its rest).
+                log.warning("api-blast's answer to %s %s was cut after its head (%s): the "
+                            "client connection is closed", request.method,
+                            request.rel_url.raw_path, exc.__class__.__name__)
+                if request.transport is not None:
+                    request.transport.close()
+                return out
         await out.write_eof()
         return out
 

@@ -59,10 +59,13 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _R_HOST, _R_CL, _R_TE, _R_CONN, _R_HANDOVER, _R_DROP = range(6)
 _REQUEST_SPECIAL = {
     b"host": _R_HOST, b"content-length": _R_CL, b"transfer-encoding": _R_TE,
-    b"connection": _R_CONN, b"expect": _R_HANDOVER, b"upgrade": _R_HANDOVER,
-    **{h.encode(): _R_DROP for h in HOP_BY_HOP
-       if h not in ("transfer-encoding", "connection", "upgrade")},
+    b"connection": _R_CONN, b"expect": _R_HANDOVER,
+    # ``Upgrade`` is dropped like any hop-by-hop header: this server never switches protocols
+    # (an ``h2c`` or websocket upgrade is answered over HTTP/1.1, as RFC 9110 allows).
+    **{h.encode(): _R_DROP for h in HOP_BY_HOP if h not in ("transfer-encoding", "connection")},
 }
+_UPGRADE_LINE = re.compile(rb"\r\nupgrade:[^\r]*(?=\r\n|$)", re.IGNORECASE)
+VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 
 _HOP_BY_HOP = frozenset(h.encode() for h in HOP_BY_HOP)
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"content-length"})
@@ -89,17 +92,39 @@ class Request:
         self.close = close
 
 
+class Reject:
+    """A request answered at once with an error and never forwarded (its framing cannot be
+    read safely); the connection closes after the answer."""
+
+    __slots__ = ("message", "status")
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+
+
+BARE_LF = Reject(400, "the request head has a line ending in a bare LF: every line of an "
+                      "HTTP/1.1 head must end with CRLF (\\r\\n)")
+
+
 def named_tokens(values: list[bytes]) -> set[bytes]:
     """The lower-case tokens of ``Connection`` header values."""
     return {t.strip(b" \t").lower() for v in values for t in v.split(b",")} - {b""}
 
 
 def parse_request(head: bytes, host_line: bytes, prefix: bytes,
-                  is_local: Callable[[bytes], bool]) -> Request | None:
-    """Parse a request head (without its final CRLF CRLF); None: not for the relay (hand
-    the connection over to aiohttp)."""
+                  is_local: Callable[[bytes], bool]) -> Request | Reject | None:
+    """Parse a request head (without its final CRLF CRLF). A :class:`Reject` for framing
+    that cannot be read safely (a bare LF line end, an HTTP version other than 1.0 and 1.1,
+    a transfer coding other than chunked); None: not for the relay (hand the connection over
+    to aiohttp)."""
+    if head.count(b"\n") != head.count(b"\r\n"):
+        return BARE_LF
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
+    if len(parts) == 3 and parts[2] not in VERSIONS and parts[2].startswith(b"HTTP/"):
+        return Reject(505, f"HTTP version {parts[2][5:20].decode('latin1')!r} is not "
+                           f"supported: send the request as HTTP/1.1")
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or len(lines) > MAX_HEADERS:
         return None
     method, target = parts[0], parts[1]
@@ -107,8 +132,10 @@ def parse_request(head: bytes, host_line: bytes, prefix: bytes,
         return None
     q = target.find(b"?")
     path = target if q < 0 else target[:q]
-    if b"/." in path or path.startswith(b"//") or is_local(path):
+    if b"/." in path or path.startswith(b"//"):
         return None
+    if is_local(path):
+        return _coding_problem(lines)
     keep: list[bytes] = [b"%s %s%s HTTP/1.1" % (method, prefix, target)]
     length = -1
     chunked = False
@@ -130,7 +157,9 @@ def parse_request(head: bytes, host_line: bytes, prefix: bytes,
         elif kind == _R_HOST:
             hosts += 1
         elif kind == _R_TE:
-            if chunked or m.group(2).strip(b" \t").lower() != b"chunked":
+            if m.group(2).strip(b" \t").lower() != b"chunked":
+                return _unsupported_coding(m.group(2))
+            if chunked:
                 return None
             chunked = True
         elif kind == _R_CONN:
@@ -151,11 +180,32 @@ def parse_request(head: bytes, host_line: bytes, prefix: bytes,
                 return None
             keep = [keep[0], *(ln for ln in keep[1:]
                                if ln[:ln.index(b":")].lower() not in named)]
-    if chunked:
-        keep.append(b"Transfer-Encoding: chunked")
+    # A chunked body is read whole before anything goes upstream (a broken one is answered
+    # 400 and never forwarded); it then goes with a Content-Length (see ClientConn).
     keep.append(host_line)
     keep.append(b"\r\n")
     return Request(method, b"\r\n".join(keep), max(length, 0), chunked, close)
+
+
+def _unsupported_coding(value: bytes) -> Reject:
+    return Reject(501, f"Transfer-Encoding {value.strip()[:40].decode('latin1')!r} is not "
+                       f"supported: send the body with a Content-Length, or chunked")
+
+
+def _coding_problem(lines: list[bytes]) -> Reject | None:
+    """For a request aiohttp will read: a transfer coding it cannot read either."""
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.lower() == b"transfer-encoding" \
+                and value.strip(b" \t").lower() != b"chunked":
+            return _unsupported_coding(value)
+    return None
+
+
+def without_upgrade(head: bytes) -> bytes:
+    """``head`` without its ``Upgrade`` header lines (aiohttp would otherwise switch the
+    connection to the upgraded protocol and answer nothing after it)."""
+    return _UPGRADE_LINE.sub(b"", head)
 
 
 class ChunkedDecoder:
@@ -336,6 +386,7 @@ class Relay:
         self.keepalive_s = cfg.upstream.keepalive_timeout_s
         self.pass_through_timeout_s = cfg.upstream.pass_through_timeout_s
         self.idle_timeout_s = cfg.limits.idle_timeout_s
+        self.max_chunked_body = cfg.limits.max_body_bytes
         self.clients: set[ClientConn] = set()
         self.pool: list[UpstreamConn] = []
         self._sweep: asyncio.TimerHandle | None = None
@@ -441,6 +492,7 @@ class UpstreamConn(asyncio.Protocol):
         self.state = F_NONE  # while answering: -1 head, else the framing of the body
         self.remaining = 0
         self.decoder: ChunkedDecoder | None = None
+        self.chunked_body = bytearray()  # a chunked request body, read whole before it goes
         self.head_request = False
         self.got = False  # any answer byte received for the current request
         self.alive = True
@@ -625,6 +677,7 @@ class ClientConn(asyncio.Protocol):
         self.pending_size = 0
         self.body_left = 0
         self.decoder: ChunkedDecoder | None = None
+        self.chunked_body = bytearray()  # a chunked request body, read whole before it goes
         self.body_done = True
         self.answer_started = False
         self.close_after = False
@@ -638,9 +691,6 @@ class ClientConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # (uvloop's is no subclass)
-        if not self.relay.enabled:
-            self.handover()
-            return
         self.relay.clients.add(self)
         self._set_deadline(self.loop.time() + self.relay.idle_timeout_s)
 
@@ -740,16 +790,23 @@ class ClientConn(asyncio.Protocol):
         if end < 0:
             if data is not self.buf:
                 self.buf += data
-            if len(data) > MAX_HEAD:
+            if data.count(b"\n") != data.count(b"\r\n"):
+                self._reject(BARE_LF)  # its end (CRLF CRLF) will never come
+            elif len(data) > MAX_HEAD:
                 self.handover()
             return
         relay = self.relay
-        req = parse_request(bytes(data[:end]), relay.host_line, relay.prefix, relay.local) \
+        head = bytes(data[:end])
+        req = parse_request(head, relay.host_line, relay.prefix, relay.local) \
             if end <= MAX_HEAD else None
-        if req is None:
-            if data is not self.buf:
-                self.buf += data
+        if req is None or (not relay.enabled and not isinstance(req, Reject)):
+            # (an upstream the relay cannot reach itself: aiohttp's client does it all)
+            self.buf = bytearray(without_upgrade(head))
+            self.buf += data[end:]
             self.handover()
+            return
+        if isinstance(req, Reject):
+            self._reject(req)
             return
         rest = data[end + 4:]
         if data is self.buf:
@@ -762,24 +819,44 @@ class ClientConn(asyncio.Protocol):
         self.close_after = req.close or relay.closing  # (a half-close: see _finish)
         self._set_deadline(self.loop.time() + relay.pass_through_timeout_s)
         if req.chunked:
+            # Read whole first: nothing goes upstream until the body is known to be sound.
             self.decoder = ChunkedDecoder()
+            self.chunked_body = bytearray()
             self.body_done = False
         else:
             self.decoder = None
             self.body_left = req.body_length
             self.body_done = req.body_length == 0
-        up = relay.acquire()
+            self._go_up(req.head)
+        if rest:
+            self.data_received(bytes(rest))
+
+    def _go_up(self, data: bytes) -> None:
+        """Send the request's head (and what is known of its body) upstream."""
+        assert self.req is not None
+        up = self.relay.acquire()
         if up is None:
-            self.pending = [req.head]
+            self.pending = [data]
             self.pending_size = 0
-            relay.connect(self, self.seq)
+            self.relay.connect(self, self.seq)
         else:
             self.pending = None
             self.up = up
-            up.begin(self, req.method == b"HEAD")
-            up.transport.write(req.head)
-        if rest:
-            self.data_received(bytes(rest))
+            up.begin(self, self.req.method == b"HEAD")
+            up.transport.write(data)
+
+    def _reject(self, reject: Reject) -> None:
+        """Answer with ``reject``'s error and close: nothing of the request went upstream."""
+        log.info("request refused before it was forwarded: %d %s", reject.status,
+                 reject.message)
+        self.phase = P_DONE
+        self.relay.clients.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.buf = bytearray()
+        self.transport.write(error_answer(reject.status, reject.message, True))
+        self.transport.close()
 
     def _send_up(self, data: bytes) -> None:
         if self.pending is None:
@@ -791,22 +868,28 @@ class ClientConn(asyncio.Protocol):
         if self.pending_size > BUFFER_HIGH:
             self.pause(PAUSE_BUFFER)
 
-    def _send_chunk(self, data: bytes) -> None:
-        if data:
-            self._send_up(b"%x\r\n%s\r\n" % (len(data), data))
-
     def _body(self, data: bytes) -> bytes:
         """Forward the request body's bytes in ``data``; returns what follows the body."""
         if self.decoder is not None:
+            body = self.chunked_body
             try:
-                used = self.decoder.feed(data, self._send_chunk)
+                used = self.decoder.feed(data, body.extend)
             except ValueError as exc:
-                log.info("pass-through: bad chunked request body: %s", exc)
-                self.abort()
+                self._reject(Reject(400, f"the chunked request body is malformed ({exc}): "
+                                         f"nothing was forwarded"))
+                return b""
+            if len(body) > self.relay.max_chunked_body:
+                self._reject(Reject(413, f"the chunked request body is longer than "
+                                         f"{self.relay.max_chunked_body} bytes "
+                                         f"(limits.max_body_bytes); send it with a "
+                                         f"Content-Length"))
                 return b""
             if not self.decoder.done:
                 return b""
-            self._send_up(b"0\r\n\r\n")
+            assert self.req is not None
+            self.chunked_body = bytearray()
+            self._go_up(self.req.head[:-2] + b"Content-Length: %d\r\n\r\n%s"
+                        % (len(body), body))
             rest = data[used:]
         else:
             n = self.body_left

@@ -75,6 +75,14 @@ const server = http.createServer(async (req, res) => {
       req.on('end', () => json(res, 200, { size, sha256: hash.digest('hex') }));
       return undefined;
     }
+    case '/cut': {
+      // Declares 100,000 bytes, sends 1,000, then the connection dies (api-blast killed
+      // in the middle of an answer).
+      res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Length': 100000 });
+      res.write(Buffer.alloc(1000, 'x'));
+      setTimeout(() => req.socket.destroy(), 50);
+      return undefined;
+    }
     case '/big': {
       const total = Number(url.searchParams.get('n'));
       const block = Buffer.alloc(65536, 'abcdefghijklmnop');

@@ -149,7 +149,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         log = tmp / "api-blast.log"
         log.touch()
         config, port = supervisor_config(
-            tmp, upstream, log, upstream={"pass_through_timeout_s": PASS_THROUGH_TIMEOUT_S})
+            tmp, upstream, log, upstream={"pass_through_timeout_s": PASS_THROUGH_TIMEOUT_S},
+            logging={"level": "debug"})  # every line, for the token scan at the end
         daemon = start_supervisor(procs, tmp, config, port)
         yield Stack(port, upstream, daemon)
     finally:
@@ -199,7 +200,8 @@ def test_chunked_request_and_answer_bodies(conn: Conn) -> None:
     doc = resp.json()
     assert doc["body"] == "hello world"
     names = [h.lower() for h in doc["headers"][::2]]
-    assert "transfer-encoding" in names and "content-length" not in names
+    # Read whole before it went upstream (a broken one is never forwarded): sent with a length.
+    assert "transfer-encoding" not in names and "content-length" in names
     resp = conn.request("GET", "/chunked")  # Node answers chunked: streamed as chunks
     assert resp.header("transfer-encoding") == "chunked" and resp.header("content-length") is None
     assert resp.body == b"first,second,third"
@@ -315,6 +317,103 @@ def test_malformed_request_is_answered_by_aiohttp(stack: Stack, conn: Conn) -> N
     assert stack.calls("GET /echo") == before
 
 
+def _handed_over(conn: Conn) -> None:
+    """Make ``conn`` an aiohttp-owned connection (its first request is aiohttp's own)."""
+    resp = conn.request("GET", "/supervisor/health")
+    assert resp.status == 200 and resp.by_aiohttp
+    conn.sock.settimeout(3)  # what follows must be prompt
+
+
+def test_an_upgrade_is_answered_over_http1_and_what_follows_too(stack: Stack, conn: Conn
+                                                                ) -> None:
+    """``Upgrade: h2c`` with a request pipelined behind it: both are answered (the relay
+    drops the Upgrade header; api-blast never sees it)."""
+    conn.sock.settimeout(3)
+    conn.send(b"GET /echo?up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+              b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+              b"GET /echo?next HTTP/1.1\r\nHost: x\r\n\r\n")
+    first, second = conn.read(), conn.read()
+    assert (first.status, second.status) == (200, 200)
+    assert [h.lower() for h in first.json()["headers"][::2]] == ["host"]
+    assert second.json()["url"] == "/echo?next"
+    # On aiohttp's own routes too.
+    conn.send(b"GET /supervisor/health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+              b"Upgrade: h2c\r\n\r\nGET /supervisor/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert conn.read().status == 200 and conn.read().status == 200
+
+
+def test_an_upgrade_on_an_aiohttp_connection_closes_it_after_its_answer(conn: Conn) -> None:
+    """On a connection aiohttp reads itself, an upgrade request is answered over HTTP/1.1
+    and the connection then closes at once: nothing waits forever behind it."""
+    _handed_over(conn)
+    conn.send(b"GET /echo?up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c"
+              b"\r\n\r\nGET /echo?next HTTP/1.1\r\nHost: x\r\n\r\n")
+    resp = conn.read()
+    assert resp.status == 200
+    assert conn.closed_by_peer()
+
+
+@pytest.mark.parametrize(("raw", "status"), [
+    (b"GET /echo?lf HTTP/1.1\nHost: x\n\n", 400),
+    (b"GET /echo?lf HTTP/1.1\r\nHost: x\nX-A: 1\r\n\r\n", 400),
+    (b"GET /echo?v2 HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"POST /echo?gz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nxx", 501),
+    (b"POST /echo?ch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"5\r\nhello\r\nZZ\r\n0\r\n\r\n", 400),
+    (b"POST /echo?ch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"5\r\nhelloXY\r\n0\r\n\r\n", 400),
+], ids=["bare-lf", "bare-lf-in-a-header", "http2", "gzip", "bad-chunk-size", "chunk-overrun"])
+@pytest.mark.parametrize("owner", ["relay", "aiohttp"])
+def test_unreadable_framing_gets_a_prompt_error_and_is_never_forwarded(
+        stack: Stack, conn: Conn, raw: bytes, status: int, owner: str) -> None:
+    def calls() -> dict[str, int]:
+        return {k: v for k, v in stack.stats()["calls"].items() if k != "GET /_stats"}
+    before = calls()
+    if owner == "aiohttp":
+        _handed_over(conn)
+    conn.sock.settimeout(3)
+    conn.send(raw)
+    if owner == "aiohttp":
+        # aiohttp's parser refuses what it cannot read (its own 400 text); an HTTP/2.0
+        # request line is refused by the daemon (505), in a status line that echoes it.
+        line = conn.file.readline()
+        assert line.split()[1] == (b"505" if status == 505 else b"400"), line
+        while conn.file.readline() not in (b"\r\n", b""):
+            pass
+        conn.file.read()  # its body, up to the close
+    else:
+        resp = conn.read()
+        assert resp.status == status, resp
+        assert "message" in resp.json()
+        assert conn.closed_by_peer()
+    assert calls() == before, "nothing reached api-blast"
+
+
+def test_a_cut_answer_on_an_aiohttp_connection_closes_it(stack: Stack, conn: Conn) -> None:
+    """api-blast dies in the middle of an answer (100,000 bytes declared, 1,000 sent) on a
+    keep-alive connection aiohttp owns: the client gets the head and the 1,000 bytes, then
+    the connection closes. No 502 is written inside the body, nor the next answer."""
+    _handed_over(conn)
+    conn.send(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\nGET /echo?next HTTP/1.1\r\nHost: x\r\n\r\n")
+    status_line = conn.file.readline()
+    assert status_line.startswith(b"HTTP/1.1 200"), status_line
+    head = b""
+    while (line := conn.file.readline()) != b"\r\n":
+        head += line
+    assert b"Content-Length: 100000" in head
+    rest = conn.file.read()  # up to the close
+    assert rest == b"x" * 1000, rest[:200]
+
+
+def test_a_cut_answer_on_a_relayed_connection_closes_it(conn: Conn) -> None:
+    conn.send(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\nGET /echo?next HTTP/1.1\r\nHost: x\r\n\r\n")
+    resp_head = conn.file.readline()
+    assert resp_head.startswith(b"HTTP/1.1 200")
+    while conn.file.readline() != b"\r\n":
+        pass
+    assert conn.file.read() == b"x" * 1000
+
+
 def test_unreachable_upstream_is_502(tmp_path: Path, children: list[Child]) -> None:
     down = free_port()
     log = tmp_path / "api-blast.log"
@@ -332,19 +431,24 @@ def test_unreachable_upstream_is_502(tmp_path: Path, children: list[Child]) -> N
 
 # ---------------------------------------------------------------------- the parsers alone
 
-def _parse(head: bytes) -> relay.Request | None:
+def _parse(head: bytes) -> relay.Request | relay.Reject | None:
     return relay.parse_request(head, b"Host: up:8000", b"", {b"/supervisor/health"}.__contains__)
 
 
 def test_plain_heads_are_relayed_and_rewritten() -> None:
     req = _parse(b"POST /a?x=%2F HTTP/1.1\r\nHost: c\r\nContent-Length: 3\r\nX-A: 1\r\n"
                  b"Connection: keep-alive, X-B\r\nX-B: 2\r\nKeep-Alive: 5")
-    assert req is not None and req.body_length == 3 and not req.chunked and not req.close
+    assert isinstance(req, relay.Request)
+    assert req.body_length == 3 and not req.chunked and not req.close
     assert req.head == (b"POST /a?x=%2F HTTP/1.1\r\nContent-Length: 3\r\nX-A: 1\r\n"
                         b"Host: up:8000\r\n\r\n")
     req = _parse(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close")
-    assert req is not None and req.chunked and req.close
-    assert req.head == b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nHost: up:8000\r\n\r\n"
+    assert isinstance(req, relay.Request) and req.chunked and req.close
+    assert req.head == b"GET / HTTP/1.1\r\nHost: up:8000\r\n\r\n"  # its length comes later
+    req = _parse(b"GET /a HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                 b"HTTP2-Settings: AAMAAABk")
+    assert isinstance(req, relay.Request)
+    assert req.head == b"GET /a HTTP/1.1\r\nHost: up:8000\r\n\r\n", "no upgrade goes upstream"
 
 
 @pytest.mark.parametrize("head", [
@@ -357,10 +461,9 @@ def test_plain_heads_are_relayed_and_rewritten() -> None:
     b"GET //x HTTP/1.1",
     b"GET /x? HTTP/1.1",
     b"POST / HTTP/1.1\r\nExpect: 100-continue",
-    b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade",
     b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1",
     b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked",
-    b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
     b"POST / HTTP/1.1\r\nContent-Length: -1",
     b"GET / HTTP/1.1\r\nHost: a\r\nHost: b",
     b"GET / HTTP/1.1\r\nX-A : 1",
@@ -369,6 +472,24 @@ def test_plain_heads_are_relayed_and_rewritten() -> None:
 ])
 def test_unusual_heads_are_handed_to_aiohttp(head: bytes) -> None:
     assert _parse(head) is None
+
+
+@pytest.mark.parametrize(("head", "status"), [
+    (b"GET / HTTP/1.1\nHost: x", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\nX-A: 1", 400),
+    (b"GET /supervisor/health HTTP/1.1\r\nHost: x\nX-A: 1", 400),  # aiohttp's route too
+    (b"GET / HTTP/2.0\r\nHost: x", 505),
+    (b"GET / HTTP/0.9", 505),
+    (b"GET /supervisor/health HTTP/3", 505),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip", 501),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked", 501),
+    (b"POST /supervisor/health HTTP/1.1\r\nTransfer-Encoding: br", 501),
+])
+def test_unreadable_framing_is_refused(head: bytes, status: int) -> None:
+    """Framing the relay cannot read safely is answered at once and never forwarded."""
+    req = _parse(head)
+    assert isinstance(req, relay.Reject) and req.status == status, req
+    assert "send" in req.message or "CRLF" in req.message
 
 
 def test_chunked_decoder_finds_the_end_in_any_split() -> None:
@@ -463,3 +584,41 @@ async def test_close_cancels_pending_upstream_connects(monkeypatch: pytest.Monke
     await asyncio.gather(*tasks, return_exceptions=True)
     assert failed == [(7, 503, "blast-supervisor is shutting down; retry")]
     assert tasks[0].cancelled() and not r._connecting
+
+
+BEARER = "relay-admin-secret-42"
+
+
+@pytest.mark.parametrize("raw", [
+    f"GET /instance?instance_id={INSTANCE}&access_token={TOKEN} HTTP/1.1\r\nHost: x\r\n"
+    f"Authorization: Bearer {BEARER}\r\nBad Header Line\r\n\r\n".encode(),
+    f"GET /x?access_token={TOKEN} HTTP/1.1\nAuthorization: Bearer {BEARER}\n\n".encode(),
+    f"G@T /x?access_token={TOKEN} HTTP/1.1\r\nAuthorization: Bearer {BEARER}\r\n\r\n"
+    .encode(),
+    f"GET /supervisor/health HTTP/1.1\r\nHost: x\r\n\r\nGET /x?access_token={TOKEN} "
+    f"HTTP/1.1\r\nAuthorization: Bearer {BEARER}\r\nBad Header\r\n\r\n".encode(),
+    f"GET /supervisor/messages HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    f"Authorization: Bearer {BEARER}"
+    f"\xff\r\n\r\n".encode("latin1"),
+], ids=["bad-header", "bare-lf", "bad-method", "aiohttp-owned", "bad-bearer-bytes"])
+def test_malformed_requests_with_secrets(stack: Stack, raw: bytes) -> None:
+    """Malformed requests carrying a token and a bearer each get an answer (their log
+    lines are scanned by the next test)."""
+    conn = Conn(stack.port)
+    conn.sock.settimeout(5)
+    try:
+        conn.send(raw)
+        data = conn.file.read()
+    finally:
+        conn.close()
+    assert data.startswith(b"HTTP/1."), data[:300]
+
+
+def test_no_secret_in_the_daemons_log(stack: Stack) -> None:
+    """The daemon ran at debug level through this module (malformed requests, tokens in
+    queries, bearers): no log line holds a token or a bearer (runs last in this module)."""
+    text = stack.daemon.output()
+    assert "DEBUG" in text and "Error handling request" in text, "aiohttp's error lines"
+    assert TOKEN not in text and BEARER not in text, [
+        line for line in text.splitlines() if TOKEN in line or BEARER in line][:3]
+    assert "[redacted]" in text
