@@ -206,6 +206,13 @@ class ProxyConfig:
     guarded_routes: tuple[GuardedRoute, ...] = DEFAULT_GUARDED_ROUTES
     # Headers of a guarded request kept in the journal and replayed with it.
     replay_headers: tuple[str, ...] = ("content-type", "user-agent", "accept")
+    # api-blast's GET /logout checks no token: with this on, it needs the instance's valid
+    # access_token (the check of a send), else 401/403 and it never reaches api-blast.
+    guard_logout: bool = True
+    # GET /get_qrcode deletes the instance's session even when it is connected: with this on,
+    # it is refused (409) while the instance is known to be ready, unless the query says
+    # force=1.
+    guard_qrcode: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -213,6 +213,7 @@ class Supervisor:
         replayer.on_settled = self._on_settled
         self.auth = auth = await self._start_auth(state_dir)
         self.proxy = Proxy(cfg, self.journal, replayer, self.upstream, auth, self.clock)
+        self.proxy.on_guard, self.proxy.on_logged_out = self._on_guard, self._on_logged_out
         self.api = Api(cfg, self.journal, self.sessions, replayer, auth, self.clock,
                        stats=Stats(self.journal, self.clock), metrics=self.metrics,
                        recent_events=self.recent_events)
@@ -246,7 +247,8 @@ class Supervisor:
         proxy = self.proxy
         assert proxy is not None
         local = LocalRoutes(app, proxy.pass_through,
-                            lambda path: proxy.loose_guarded(None, path) is not None)
+                            lambda path: proxy.loose_guarded(None, path) is not None
+                            or proxy.destructive(path) is not None)
         relay = Relay(cfg, self.runner.server, local)
         site = RelaySite(self.runner, relay, cfg.listen.host, cfg.listen.port)
         try:
@@ -389,6 +391,22 @@ class Supervisor:
             self.api.duplicate_pids = lambda: tuple(
                 sorted({pid for d in procwatch.duplicates for pid in d.pids}))
         self.metrics.registry.register(_ServiceMetrics(procwatch, recovery))
+
+    def _on_guard(self, route: str, instance_id: str, refused: bool, status: int,
+                  why: str) -> None:
+        """A GET /logout or /get_qrcode: counted, and listed with the session events."""
+        self.metrics.destructive.labels(instance_id=instance_id, route=route,
+                                        outcome="refused" if refused else "forwarded").inc()
+        self.recent_events.append({
+            "t": self.clock.time(), "event": f"{route}_refused" if refused else route,
+            "instance_id": instance_id or None, "code": status or None, "attribution": "proxy",
+            "rule": why})
+
+    def _on_logged_out(self, instance_id: str) -> None:
+        """api-blast answered a GET /logout with success: the instance needs a QR scan."""
+        self.apply_event(events.Event(
+            events.EventKind.LOGGED_OUT, instance_id, None, events.ATTRIBUTION_ID,
+            rule="proxy: api-blast answered GET /logout with success"))
 
     def _on_upstream_restart(self, proc: ProcInfo, previous: ProcInfo | None) -> None:
         """api-blast's pid changed: every session is unknown until it reports ready (unless

@@ -126,6 +126,10 @@ class Metrics:
         self.events = Counter(
             "blast_supervisor_session_events", "Session events read from api-blast's output.",
             [*i, "event"], registry=r)
+        self.destructive = Counter(
+            "blast_supervisor_destructive_requests", "GET /logout and /get_qrcode requests "
+            "(route) let through to api-blast or refused by the proxy's guard (outcome).",
+            [*i, "route", "outcome"], registry=r)
         self.conflicts = Counter(
             "blast_supervisor_conflicts", "440 conflicts (another socket replaced this one).",
             i, registry=r)

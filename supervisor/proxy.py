@@ -13,6 +13,7 @@ A guarded send (``POST /send_message?instance_id=…``, ``POST /send-message/{in
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -30,7 +31,7 @@ from .config import Config, GuardedRoute
 from .journal import IdempotencyKey, Journal, JournalError, KeyInUse, MessageState, NewMessage
 from .outcome import OutcomeKind
 from .replay import Item, Lane, Replayer
-from .sessions import GateAction
+from .sessions import GateAction, SessionState
 from .upstream import (
     CLOSED_WITHOUT_ANSWER,
     RETRYABLE_METHODS,
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 MESSAGE_ID_HEADER = "X-Supervisor-Message-Id"
 # Pass-through routes whose answers are read: they run api-blast's token gate.
 VERDICT_ROUTES = frozenset({"/instance", "/get_groups"})
+READ_ROUTES = VERDICT_ROUTES | {"/logout"}  # answers the pass-through reads before relaying
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"  # set on an answer given again for a known key
 # Query parameters of a send that api-blast must read as one plain string, by where the
@@ -137,6 +139,12 @@ def loose_pattern(path: str) -> re.Pattern[str]:
     return re.compile(regex + "/?", re.IGNORECASE | re.ASCII)
 
 
+# api-blast's routes that destroy a session (Express ``app.get``: GET and HEAD), by name.
+DESTRUCTIVE_ROUTES = {"logout": "/logout", "get_qrcode": "/get_qrcode"}
+_LOGOUT = GuardedRoute("GET", "/logout", "query")  # its instance id and token: as a send's
+GuardNote = Callable[[str, str, bool, int, str], None]  # route, instance, refused, status, why
+
+
 class Proxy:
     """Request handlers for guarded and pass-through routes."""
 
@@ -152,6 +160,12 @@ class Proxy:
         self._ids = MessageIds()
         # Guarded routes read at startup only (a reload keeps the listener's routes).
         self._loose = [(r, loose_pattern(r.path)) for r in cfg.proxy.guarded_routes]
+        self._destructive = [(name, loose_pattern(path))
+                             for name, path in DESTRUCTIVE_ROUTES.items()]
+        # Told of every GET /logout and /get_qrcode: refused or let through, and why.
+        self.on_guard: GuardNote | None = None
+        # Told when api-blast answered a GET /logout with success (the instance id).
+        self.on_logged_out: Callable[[str], None] | None = None
         self._inline: set[asyncio.Task[Any]] = set()
         self._keys_busy: set[tuple[str, str]] = set()  # (instance, key) being handled now
         self.storage_error: str | None = None
@@ -178,6 +192,67 @@ class Proxy:
             if m is not None:
                 return route, m
         return None
+
+    def destructive(self, raw_path: str) -> str | None:
+        """The name of the session-destroying api-blast route Express runs for
+        ``raw_path`` (``logout``, ``get_qrcode``; any spelling), or None."""
+        for name, pattern in self._destructive:
+            if pattern.fullmatch(raw_path):
+                return name
+        return None
+
+    async def _guard_destructive(self, name: str, request: web.Request
+                                 ) -> web.Response | None:
+        """The refusal of a ``/logout`` without the instance's valid token, or of a
+        ``/get_qrcode`` on an instance known to be ready; None: it goes to api-blast."""
+        proxy = self.cfg.proxy
+        if name == "logout" and not proxy.guard_logout:
+            self._note_guard(name, "", False, 0, "proxy.guard_logout is off")
+        elif name == "logout":
+            instance_id = self._instance_id(request, _LOGOUT, None)
+            if isinstance(instance_id, web.Response):
+                return self._guarded_refusal(name, "", instance_id, "no valid instance_id")
+            verdict = await self.auth.check(instance_id, request.query.get("access_token"))
+            if not verdict.ok:
+                return self._guarded_refusal(
+                    name, instance_id, json_error(
+                        verdict.status, f"{verdict.message} (GET /logout needs the instance's "
+                                        f"access_token: proxy.guard_logout)"),
+                    "no valid access_token")
+            self._note_guard(name, instance_id, False, 0, "valid access_token")
+            return None
+        if name == "get_qrcode":
+            query = validation.express_query(request.rel_url.raw_query_string,
+                                             ("instance_id",))
+            instance_id = "" if isinstance(query, validation.Problem) else \
+                query.get("instance_id", "")
+            session = self.replayer.sessions.find(instance_id)
+            ready = session is not None and session.state is SessionState.READY
+            if proxy.guard_qrcode and ready and request.query.get("force") != "1":
+                return self._guarded_refusal(name, instance_id, json_error(
+                    409, f"instance {instance_id} is connected (its WhatsApp session is "
+                         f"ready): GET /get_qrcode would delete that session and log the "
+                         f"phone out. To do it anyway, add force=1 to the query (or set "
+                         f"proxy.guard_qrcode: false)", instance_id=instance_id),
+                    "the session is ready")
+            self._note_guard(name, instance_id, False, 0,
+                             "forced" if ready else "the session is not known to be ready")
+        return None
+
+    def _guarded_refusal(self, name: str, instance_id: str, resp: web.Response, why: str
+                         ) -> web.Response:
+        self._note_guard(name, instance_id, True, resp.status, why)
+        return resp
+
+    def _note_guard(self, name: str, instance_id: str, refused: bool, status: int,
+                    why: str) -> None:
+        if refused:
+            log.warning("GET /%s for %s refused (%d): %s", name, instance_id or "?", status,
+                        why)
+        else:
+            log.info("GET /%s for %s goes to api-blast (%s)", name, instance_id or "?", why)
+        if self.on_guard is not None:
+            self.on_guard(name, instance_id, refused, status, why)
 
     def add_routes(self, app: web.Application) -> None:
         """Guarded routes first, then a catch-all pass-through (registered last: every route
@@ -233,7 +308,7 @@ class Proxy:
             self._keys_busy.discard(slot)
 
     def _instance_id(self, request: web.Request, route: GuardedRoute,
-                     match: re.Match[str]) -> str | web.Response:
+                     match: re.Match[str] | None) -> str | web.Response:
         """The send's instance id as api-blast reads it, or the 400 answer.
 
         From the path: the raw segment ``match`` found, percent-decoded as Express decodes a
@@ -248,7 +323,7 @@ class Proxy:
             return json_error(query.status, query.message)
         if route.instance_from == "path":
             where = "path segment {instance_id}"
-            raw = match.groupdict().get("instance_id") or ""
+            raw = (match.groupdict().get("instance_id") if match else None) or ""
             decoded = validation.decode_uri_component(raw)
             if decoded is None:
                 return self._invalid_id(where, raw)
@@ -428,8 +503,15 @@ class Proxy:
 
     async def pass_through(self, request: web.Request) -> web.StreamResponse:
         """Forward any other request unchanged and stream the answer back."""
-        if self.loose_guarded(request.method, request.rel_url.raw_path) is not None:
+        raw_path = request.rel_url.raw_path
+        if self.loose_guarded(request.method, raw_path) is not None:
             return await self.guarded(request)  # a guarded route spelled another way
+        if request.method in ("GET", "HEAD"):
+            name = self.destructive(raw_path)
+            if name is not None:
+                refusal = await self._guard_destructive(name, request)
+                if refusal is not None:
+                    return refusal
         headers = forwardable(request.headers)
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
@@ -467,10 +549,13 @@ class Proxy:
         if resp.content_length is not None:
             out.content_length = resp.content_length
         route = request.rel_url.raw_path.lower()  # as Express routes it: raw, any case
-        if (route[:-1] if route.endswith("/") else route) in VERDICT_ROUTES \
-                and resp.status < 500:
+        route = route[:-1] if route.endswith("/") else route
+        if route in READ_ROUTES and resp.status < 500:
             body = await resp.read()
-            self._learn_verdict(request, resp.status, body)
+            if route == "/logout":
+                self._learn_logout(request, resp.status, body)
+            else:
+                self._learn_verdict(request, resp.status, body)
             out.content_length = len(body)
             await out.prepare(request)
             await out.write(body)
@@ -491,6 +576,19 @@ class Proxy:
                 return out
         await out.write_eof()
         return out
+
+    def _learn_logout(self, request: web.Request, status: int, body: bytes) -> None:
+        """api-blast logged the instance out (it deleted its credentials): it needs a new QR
+        scan. Its console may only show a closed socket, so the answer is the signal."""
+        instance_ids = request.query.getall("instance_id", [])
+        if status != 200 or len(instance_ids) != 1 or self.on_logged_out is None:
+            return
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return
+        if isinstance(doc, dict) and doc.get("status") == "success":
+            self.on_logged_out(instance_ids[0])
 
     def _learn_verdict(self, request: web.Request, status: int, body: bytes) -> None:
         """api-blast's answer to a route that runs its token gate says whether the token

@@ -123,6 +123,10 @@ class Sessions:
             s = self._by_id[instance_id] = Session(instance_id)
         return s
 
+    def find(self, instance_id: str) -> Session | None:
+        """The session of ``instance_id`` if it was seen (nothing is created)."""
+        return self._by_id.get(instance_id)
+
     def known(self) -> list[str]:
         """Every instance seen so far."""
         return list(self._by_id)
