@@ -116,7 +116,17 @@ BOUNDARIES = st.sampled_from(_boundaries())
 @given(BOUNDARIES, LINE)
 def test_a_line_inserted_between_two_records_changes_neither(
         where: tuple[str, int], inserted: bytes) -> None:
-    name, i = where
+    _check_boundary(*where, inserted)
+
+
+def test_every_boundary_of_every_fixture_holds_against_the_hostile_lines() -> None:
+    """Not a sample: each of the hostile lines at each of the boundaries."""
+    for name, i in _boundaries():
+        for inserted in _HOSTILE:
+            _check_boundary(name, i, inserted)
+
+
+def _check_boundary(name: str, i: int, inserted: bytes) -> None:
     lines, first, second = _around(name, i, None)
     before = _records(lines, first)
     lines, _, _ = _around(name, i, inserted)
