@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,14 @@ def test_admin_calls_need_the_token(tmp_path: Path, children: list[Child]) -> No
             status, headers, doc = admin(port, route, token)
             assert status == 401, (route, token, doc)
             assert headers["WWW-Authenticate"].startswith("Bearer")
+        # Raw bytes on the wire: non-ASCII text, and bytes that are not UTF-8.
+        for raw in ("Bearer r\u00e9ght".encode(), b"Bearer \xff\x80"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                             f"Connection: close\r\n".encode() + b"Authorization: " + raw
+                             + b"\r\n\r\n")
+                answer = sock.makefile("rb").read()
+            assert answer.startswith(b"HTTP/1.1 401 "), (route, raw, answer[:200])
     wait_until(lambda: any(i["instance_id"] == INSTANCE for i in http(
         "GET", f"http://127.0.0.1:{port}/supervisor/instances")[2]["instances"]), 10,
         "the instance to be known")
