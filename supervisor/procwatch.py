@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 NODE_NAMES = frozenset({"node", "nodejs"})
 SESSIONS_DIR = "sessions"  # api-blast keeps each instance's Baileys credentials here
+# A full scan (every process, every socket) every this many looks; quick looks between.
+FULL_SCAN_EVERY = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,12 +277,14 @@ def scan(cfg: ProcessConfig, port: int | None) -> Snapshot:
 class ProcessStats:
     """Counters of the watcher (a restart is a new api-blast process where one was seen)."""
 
-    scans: int = 0
+    scans: int = 0  # full scans of the process table
+    quick_looks: int = 0  # looks at the known process only
     restarts: int = 0
     duplicate_stops: int = 0
 
     def __repr__(self) -> str:
-        return (f"ProcessStats(scans={self.scans}, restarts={self.restarts}, "
+        return (f"ProcessStats(scans={self.scans}, quick_looks={self.quick_looks}, "
+                f"restarts={self.restarts}, "
                 f"duplicate_stops={self.duplicate_stops})")
 
 
@@ -304,6 +308,8 @@ class ProcessWatcher:
         self._cpu: float | None = None
         self._rss: int | None = None
         self._stopped: set[tuple[int, float]] = set()
+        self._since_full = 0  # quick looks since the last full scan
+        self._hunting = FULL_SCAN_EVERY  # full scans left while api-blast is not found
         self._stop = asyncio.Event()
         self.scanned = asyncio.Event()  # set after each scan (tests wait on it)
 
@@ -327,9 +333,32 @@ class ProcessWatcher:
             await self.poll()
             await self.clock.wait(self._stop, self.cfg.interval_s)
 
-    async def poll(self) -> Snapshot:
-        """Scan once and update the figures, restarts and duplicates."""
+    async def poll(self) -> Snapshot | None:
+        """Look once and update the figures, restarts and duplicates.
+
+        The whole process table (and every socket, to find the listener) is read only every
+        :data:`FULL_SCAN_EVERY` looks, or when the process seen before is gone or replaced:
+        in between, one read of that process's ``/proc`` entry (and of the pid file) tells it
+        is still the same, so an idle daemon costs next to nothing. While duplicates are known,
+        or for a minute after api-blast was lost, every look is a full scan. Returns the
+        snapshot of a full scan, None after a quick look."""
+        quick = self._since_full < FULL_SCAN_EVERY - 1 and not self.duplicates and (
+            (self.target is None and self._hunting <= 0)
+            or (self.target is not None and await asyncio.to_thread(self._target_unchanged)))
+        if quick:
+            self._since_full += 1
+            if self.target is not None:
+                await asyncio.to_thread(self._measure)
+            self.stats.quick_looks += 1
+            self.scanned.set()
+            return None
+        self._since_full = 0
+        had_target = self.target is not None
         snap = await asyncio.to_thread(scan, self.cfg, self.port)
+        if snap.target is None:
+            # Just lost (or never found yet): look hard for a minute's worth of looks, then
+            # only at every full scan (api-blast may simply not run here).
+            self._hunting = FULL_SCAN_EVERY if had_target else self._hunting - 1
         self._update(snap)
         if self.target is not None:
             await asyncio.to_thread(self._measure)
@@ -372,6 +401,19 @@ class ProcessWatcher:
             self._cpu = self._rss = None
         self._last_identity = identity
         self._last_proc = snap.target.proc
+
+    def _target_unchanged(self) -> bool:
+        """Whether the process found last is still there, the same one (pid and start time),
+        and still the one the pid file names (blocking: run it in a thread)."""
+        t = self.target
+        if t is None:
+            return False
+        try:
+            if self.cfg.pid_file and _read_pid_file(self.cfg.pid_file) != t.proc.pid:
+                return False
+            return psutil.Process(t.proc.pid).create_time() == t.proc.create_time
+        except (psutil.Error, OSError, ValueError):
+            return False
 
     def _measure(self) -> None:
         assert self.target is not None

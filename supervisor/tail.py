@@ -2,8 +2,10 @@
 
 A file is known by its device, inode and a fingerprint of its first bytes (a hash of up to
 :data:`HEAD_BYTES`, with their count, so a young file's fingerprint can be checked as it grows).
-Complete lines only: a half-written last line waits for its newline. ``watchfiles`` wakes the
-reader within milliseconds; a ``stat`` every ``poll_interval_s`` covers what it misses.
+Complete lines only: a half-written last line waits for its newline. inotify wakes the reader
+within milliseconds (``asyncinotify``: its descriptor is read by the event loop, so an idle
+file costs nothing; ``watchfiles`` where inotify is missing); a ``stat`` every
+``poll_interval_s`` covers what it misses.
 
 Rotations:
 
@@ -32,7 +34,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, overload
+from typing import Any, BinaryIO, overload
 
 from .clock import Clock, SystemClock
 from .journal import TailPosition
@@ -271,7 +273,62 @@ class FileTail:
         self._old = self._cur = None
 
     async def _watch(self) -> None:
-        """Set the wake event on every change of the file or its rotated names."""
+        """Set the wake event on every change of the file or its rotated names.
+
+        inotify through ``asyncinotify``: its descriptor is read by the event loop
+        (``add_reader``), so nothing runs while nothing changes. Where inotify is not
+        available, ``watchfiles`` (which polls its own channel). Either way the ``stat`` every
+        ``poll_interval_s`` covers what they miss (a network mount)."""
+        try:
+            import asyncinotify
+        except ImportError:  # not Linux
+            await self._watch_with_watchfiles()
+            return
+        directory = self.path.parent
+        stem = self.path.name.removesuffix(".log")
+        mask = (asyncinotify.Mask.MODIFY | asyncinotify.Mask.CREATE
+                | asyncinotify.Mask.MOVED_FROM | asyncinotify.Mask.MOVED_TO
+                | asyncinotify.Mask.DELETE | asyncinotify.Mask.ATTRIB
+                | asyncinotify.Mask.DELETE_SELF | asyncinotify.Mask.MOVE_SELF)
+        gone = asyncinotify.Mask.IGNORED | asyncinotify.Mask.DELETE_SELF \
+            | asyncinotify.Mask.MOVE_SELF
+        while not self._stop.is_set():
+            try:
+                if not directory.is_dir():
+                    await self._await_directory(asyncinotify)
+                    continue
+                with asyncinotify.Inotify() as inotify:
+                    inotify.add_watch(directory, mask)
+                    self._wake.set()  # whatever changed before the watch began
+                    async for event in inotify:
+                        if event.mask & gone:
+                            break  # the directory went away: watch it again once it is back
+                        if event.name is None or event.name.name.startswith(stem):
+                            self._wake.set()
+            except OSError as exc:
+                log.warning("inotify on %s failed (%s); looking every %.1f s", directory,
+                            exc, self.poll_interval_s)
+                await self._clock.wait(self._stop, self.poll_interval_s)
+
+    async def _await_directory(self, asyncinotify: Any) -> None:
+        """Wait (at most ``poll_interval_s``) for the log's directory to come back: its parent
+        is watched for it, when the parent is there."""
+        directory = self.path.parent
+        if not directory.parent.is_dir():
+            await self._clock.wait(self._stop, self.poll_interval_s)
+            return
+        with asyncinotify.Inotify() as inotify:
+            inotify.add_watch(directory.parent,
+                              asyncinotify.Mask.CREATE | asyncinotify.Mask.MOVED_TO)
+            if directory.is_dir():
+                return  # created before the watch began
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_interval_s):
+                    async for event in inotify:
+                        if event.name is not None and event.name.name == directory.name:
+                            return
+
+    async def _watch_with_watchfiles(self) -> None:
         import watchfiles  # imported here: the tail runs without it when watching fails
 
         directory = self.path.parent
@@ -286,7 +343,7 @@ class FileTail:
                 continue
             try:
                 async for _ in watchfiles.awatch(
-                    directory, watch_filter=wanted, step=1, debounce=50, recursive=False,
+                    directory, watch_filter=wanted, step=50, debounce=50, recursive=False,
                     stop_event=self._stop, ignore_permission_denied=True,
                 ):
                     self._wake.set()

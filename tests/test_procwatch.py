@@ -25,6 +25,7 @@ from fakes import FakeClock
 
 from supervisor.config import ProcessConfig
 from supervisor.procwatch import (
+    FULL_SCAN_EVERY,
     Duplicate,
     ProcessWatcher,
     ProcInfo,
@@ -216,6 +217,33 @@ async def test_a_restart_of_the_upstream_process_is_detected(
     assert watcher.stats.restarts == 1
     assert seen == [(new.proc.pid, old.proc.pid)]
     assert watcher.view()["pid"] == new.proc.pid
+
+
+async def test_between_full_scans_only_the_known_process_is_looked_at(
+        tmp_path: Path, children: list[Child]) -> None:
+    """Idle cost: once api-blast is found, a look reads only its own /proc entry, and the
+    whole table is scanned every FULL_SCAN_EVERY looks. A restart is still seen at the next
+    look; a duplicate at the next full scan."""
+    app = _app_dir(tmp_path)
+    port = free_port()
+    old = _node(children, app, port, "old")
+    watcher = ProcessWatcher(ProcessConfig(), f"http://127.0.0.1:{port}", FakeClock())
+    assert await watcher.poll() is not None  # the first look is a full scan
+    for _ in range(FULL_SCAN_EVERY - 1):
+        assert await watcher.poll() is None
+    assert watcher.stats.scans == 1 and watcher.stats.quick_looks == FULL_SCAN_EVERY - 1
+    assert await watcher.poll() is not None  # due
+    assert await watcher.poll() is None
+    old.stop(signal.SIGKILL)
+    new = _node(children, app, port, "new")
+    assert await watcher.poll() is not None, "the process seen before is gone: full scan"
+    assert watcher.stats.restarts == 1 and watcher.view()["pid"] == new.proc.pid
+    dup = _node(children, app, 0, "dup")
+    for _ in range(FULL_SCAN_EVERY):
+        await watcher.poll()
+        if watcher.duplicates:
+            break
+    assert [d.pids for d in watcher.duplicates] == [(new.proc.pid, dup.proc.pid)]
 
 
 async def test_opt_in_action_stops_the_newest_duplicate(

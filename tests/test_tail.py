@@ -527,3 +527,55 @@ async def _seen(rec: Recorder, arrived: asyncio.Event, line: str) -> None:
     while line not in rec.all_lines():
         arrived.clear()
         await arrived.wait()
+
+
+async def test_inotify_follows_every_kind_of_change_with_no_polling(tmp_path: Path) -> None:
+    """The follower wakes on inotify alone (the stat fallback is 30 s away): an append, a
+    rename rotation (and a late write to the renamed file), a copytruncate, a deleted and
+    recreated file, a deleted and recreated directory. Every line arrives, once, in order."""
+    log = tmp_path / "logs" / "app.log"
+    log.parent.mkdir()
+    _write(log, "start")
+    rec = Recorder()
+    arrived = asyncio.Event()
+
+    async def sink(batch: Batch) -> TailPosition | None:
+        arrived.set()
+        return await rec(batch)
+
+    async def seen(line: str) -> None:
+        await asyncio.wait_for(_seen(rec, arrived, line), 3)
+
+    tail = _tail(log, rec, poll_interval_s=30.0, retire_grace_s=30.0)
+    task = asyncio.create_task(tail.run(sink))
+    try:
+        await asyncio.wait_for(tail.first_pass_done.wait(), 5)
+        await seen("start")
+        _write(log, "appended")
+        await seen("appended")
+        log.rename(log.with_name("app.log.1"))  # logrotate: create
+        _write(log, "after rename")
+        await seen("after rename")
+        _write(log.with_name("app.log.1"), "late, to the renamed file")
+        await seen("late, to the renamed file")
+        _write(log, "before copytruncate")
+        await seen("before copytruncate")
+        shutil.copy(log, log.with_name("app.log.2"))  # logrotate: copytruncate
+        with log.open("r+") as fh:
+            fh.truncate(0)
+        _write(log, "after copytruncate")
+        await seen("after copytruncate")
+        log.unlink()
+        _write(log, "file recreated")
+        await seen("file recreated")
+        shutil.rmtree(log.parent)
+        log.parent.mkdir()
+        _write(log, "directory recreated")
+        await seen("directory recreated")
+        assert [line for b in rec.batches for line in b.lines] == [  # in arrival order
+            "start", "appended", "after rename", "late, to the renamed file",
+            "before copytruncate", "after copytruncate", "file recreated",
+            "directory recreated"]
+    finally:
+        tail.request_stop()
+        await asyncio.wait_for(task, 5)
