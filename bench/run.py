@@ -27,6 +27,8 @@ Figures (see the README's "Performance" section for how each is made fair):
 * ``replay``: a ready line appended → the first held send reaches the Node upstream.
 * ``restart``: 100,000 queued rows over 500 instances: the daemon's RSS once ready, and its
   start → ``ready:`` time (against the same start with an empty journal).
+* ``idle``: the daemon's CPU over 60 s (10 s quick) while nothing happens: production defaults
+  (process watcher, recovery checks), one ready instance, its log file followed.
 """
 
 from __future__ import annotations
@@ -264,6 +266,45 @@ def bench_line_state(quick: bool, work: Path, ctx: dict[str, Any]) -> dict[str, 
             "target": "<= 10 ms", "met": p99 <= 10}
 
 
+def _cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` in nanoseconds (``/proc/PID/task/*/schedstat``:
+    the kernel's own count, finer than the 10 ms ticks of ``cpu_times``)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total
+
+
+def bench_idle(quick: bool, work: Path, ctx: dict[str, Any]) -> dict[str, Any]:
+    """CPU the daemon uses while nothing happens, with its production defaults (the process
+    watcher and the recovery checks on), one ready instance and a followed file."""
+    seconds = 10 if quick else 60
+    log = work / "idle.log"
+    log.write_text(_ready(_id(1)))
+
+    def cpu_share(name: str) -> float:
+        with harness.Procs(work) as procs:
+            node = procs.node()
+            daemon = procs.daemon(name, {
+                "upstream": {"url": f"http://127.0.0.1:{node}"},
+                "log_source": {"type": "file", "path": str(log), "start_at": "start"},
+                "process": {"enabled": True}, "recovery": {}})
+            time.sleep(3)  # past the start: the first scans, the first liveness check
+            before = _cpu_ns(daemon.proc.pid)
+            time.sleep(seconds)
+            used = _cpu_ns(daemon.proc.pid) - before
+        return used / 1e9 / seconds * 100
+
+    idle = cpu_share("idle")
+    return {"figure": f"idle CPU, one ready instance, a followed file, {seconds} s",
+            "measured": round(idle, 3), "unit": "% of a core",
+            "references": {}, "ratio": None, "ratio_of": None, "target": "<= 0.2 %",
+            "met": idle <= 0.2}
+
+
 # Timestamps in the fixtures (pino's ISO time, epoch milliseconds): changed in every copy, as
 # in a real log, so that no line carrying one is ever seen twice.
 _STAMP = re.compile(rb"(?<=\d\d:\d\d:\d\d\.)\d{3}(?=Z)|(?<!\d)1\d{12}(?!\d)")
@@ -471,6 +512,7 @@ BENCHES: dict[str, Callable[[bool, Path, dict[str, Any]], Any]] = {
     "catch_up": bench_catch_up,
     "replay": bench_replay,
     "restart": bench_restart,
+    "idle": bench_idle,
 }
 
 
