@@ -15,6 +15,9 @@ Figures (see the README's "Performance" section for how each is made fair):
   same upstream, and against the upstream directly. The proxy under test (the daemon or nginx)
   is pinned to CPU 0, the upstream and wrk to CPU 1, so both proxies get one core each.
 * ``latency``: added p50 latency with 1 connection: proxy p50 - direct p50, nginx likewise.
+* ``instance``: the same for ``GET /instance?instance_id=…&access_token=…`` (what Waziper polls;
+  the relay learns the jid from each answer), and requests/s of a 60 KB ``GET /get_qrcode``
+  answer (the relay asks the QR guard first).
 * ``guarded``: guarded sends journaled durably and answered 202 per second (32 connections,
   64 instances held ``disconnected`` by log lines, so each send is committed and queued, none
   forwarded) against the same daemon's pass-through rate and against one fsync'd commit per
@@ -161,14 +164,24 @@ def _passthrough_rates(quick: bool, work: Path, ctx: dict[str, Any]) -> dict[str
         for port in targets.values():  # warm every path (connections, pools)
             if not quick:
                 harness.wrk(f"http://127.0.0.1:{port}/", 32, 1, cpu=LOAD_CPU)
-        for name, port in targets.items():
-            figures[f"{name}_32"] = harness.wrk(f"http://127.0.0.1:{port}/", 32, duration,
-                                                cpu=LOAD_CPU)
-        for name, port in targets.items():
-            figures[f"{name}_1"] = harness.wrk(f"http://127.0.0.1:{port}/", 1, duration,
-                                               cpu=LOAD_CPU)
+        for path, suffix in ROUTES:
+            for name, port in targets.items():
+                figures[f"{name}_32{suffix}"] = harness.wrk(
+                    f"http://127.0.0.1:{port}{path}", 32, duration, cpu=LOAD_CPU)
+            if suffix == "_qr":
+                continue  # a throughput figure only
+            for name, port in targets.items():
+                figures[f"{name}_1{suffix}"] = harness.wrk(
+                    f"http://127.0.0.1:{port}{path}", 1, duration, cpu=LOAD_CPU)
     ctx["http"] = figures
     return dict(figures)
+
+
+# What Waziper really sends besides sends: GET /instance for every account page and status
+# check (answered with the account's jid), GET /get_qrcode (a base64 PNG of about 60 KB).
+INSTANCE_PATH = "/instance?instance_id=68B2F1A0C3D4E&access_token=65a803966258e"
+ROUTES = (("/", ""), (INSTANCE_PATH, "_instance"),
+          ("/get_qrcode?instance_id=68B2F1A0C3D4E&access_token=65a803966258e", "_qr"))
 
 
 def bench_passthrough(quick: bool, work: Path, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -178,6 +191,30 @@ def bench_passthrough(quick: bool, work: Path, ctx: dict[str, Any]) -> dict[str,
             "unit": "req/s", "references": {"nginx": round(nginx), "direct": round(direct)},
             "ratio": round(proxy / nginx, 2), "ratio_of": "nginx",
             "target": ">= 0.5x nginx", "met": proxy >= 0.5 * nginx}
+
+
+def bench_instance(quick: bool, work: Path, ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    """``GET /instance`` (the route Waziper polls) and a 60 KB ``GET /get_qrcode`` answer
+    through the proxy, against nginx in the same run."""
+    f = _passthrough_rates(quick, work, ctx)
+    rows = []
+    for suffix, what in (("_instance", "GET /instance"), ("_qr", "GET /get_qrcode, 60 KB")):
+        proxy, nginx = f[f"proxy_32{suffix}"]["rps"], f[f"nginx_32{suffix}"]["rps"]
+        rows.append({"figure": f"{what} requests/s, 32 connections", "measured": round(proxy),
+                     "unit": "req/s", "references": {
+                         "nginx": round(nginx), "direct": round(f[f"direct_32{suffix}"]["rps"])},
+                     "ratio": round(proxy / nginx, 2), "ratio_of": "nginx",
+                     "target": ">= 0.6x nginx", "met": proxy >= 0.6 * nginx})
+    direct = f["direct_1_instance"]["p50_ms"]
+    added = f["proxy_1_instance"]["p50_ms"] - direct
+    nginx_added = f["nginx_1_instance"]["p50_ms"] - direct
+    rows.append({"figure": "GET /instance added latency p50, 1 connection",
+                 "measured": round(added, 3), "unit": "ms",
+                 "references": {"nginx added": round(nginx_added, 3),
+                                "direct p50": round(direct, 3)},
+                 "ratio": round(added / nginx_added, 2) if nginx_added > 0 else None,
+                 "ratio_of": "nginx added", "target": "<= 0.15 ms", "met": added <= 0.15})
+    return rows
 
 
 def bench_latency(quick: bool, work: Path, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -506,6 +543,7 @@ def bench_restart(quick: bool, work: Path, ctx: dict[str, Any]) -> list[dict[str
 BENCHES: dict[str, Callable[[bool, Path, dict[str, Any]], Any]] = {
     "passthrough": bench_passthrough,
     "latency": bench_latency,
+    "instance": bench_instance,
     "guarded": bench_guarded,
     "journal": bench_journal,
     "line_state": bench_line_state,

@@ -35,7 +35,7 @@ from .journal import (
     TailPosition,
 )
 from .metrics import PARSE_ERROR_NEEDLES, Metrics
-from .proxy import Proxy, framing_guard
+from .proxy import VERDICT_ROUTES, Proxy, framing_guard
 from .recovery import Recovery
 from .relay import LocalRoutes, Relay, RelaySite
 from .replay import Lane, Replayer, next_delay_s
@@ -241,16 +241,7 @@ class Supervisor:
                                     keepalive_timeout=cfg.limits.idle_timeout_s,
                                     lingering_time=1.0)
         await self.runner.setup()
-        # The public listener is the byte-level pass-through relay: plain pass-through
-        # requests are spliced to api-blast, every other connection is handed to aiohttp.
-        assert self.runner.server is not None
-        proxy = self.proxy
-        assert proxy is not None
-        local = LocalRoutes(app, proxy.pass_through,
-                            lambda path: proxy.loose_guarded(None, path) is not None
-                            or proxy.destructive(path) is not None)
-        relay = Relay(cfg, self.runner.server, local)
-        site = RelaySite(self.runner, relay, cfg.listen.host, cfg.listen.port)
+        site = RelaySite(self.runner, self._make_relay(app), cfg.listen.host, cfg.listen.port)
         try:
             await site.start()
         except OSError as exc:
@@ -261,6 +252,23 @@ class Supervisor:
             self.port = server.sockets[0].getsockname()[1]
         log.info("listening on http://%s:%d, forwarding to %s", cfg.listen.host, self.port,
                  cfg.upstream.url)
+
+    def _make_relay(self, app: web.Application) -> Relay:
+        """The public listener: the byte-level pass-through relay. Plain pass-through requests
+        are spliced to api-blast, the read routes and ``/get_qrcode`` too (the relay learns
+        from their answers and asks the guard); every other connection is handed to aiohttp
+        (``/logout``: its guard asks the token check)."""
+        assert self.runner is not None
+        assert self.runner.server is not None
+        proxy = self.proxy
+        assert proxy is not None
+        local = LocalRoutes(app, proxy.pass_through,
+                            lambda path: proxy.loose_guarded(None, path) is not None
+                            or proxy.destructive(path) == "logout")
+        relay = Relay(self.cfg, self.runner.server, local)
+        relay.learn_routes = frozenset(r.encode() for r in VERDICT_ROUTES)
+        relay.learn, relay.guard = proxy.learn_relayed, proxy.relay_guard
+        return relay
 
     async def _start_auth(self, state_dir: Path) -> Authenticator:
         """The token checker, with the pairs api-blast accepted before (journal)."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from . import validation
 from .auth import Authenticator
@@ -30,6 +31,7 @@ from .clock import Clock
 from .config import Config, GuardedRoute
 from .journal import IdempotencyKey, Journal, JournalError, KeyInUse, MessageState, NewMessage
 from .outcome import OutcomeKind
+from .relay import Reject
 from .replay import Item, Lane, Replayer
 from .sessions import GateAction, SessionState
 from .upstream import (
@@ -57,6 +59,15 @@ _PATH_ROUTE_NAMES = ("access_token",)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _succeeded(body: bytes) -> bool:
+    """Whether ``body`` is api-blast's ``{"status":"success", …}``."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("status") == "success"
 
 
 def json_error(status: int, message: str, headers: dict[str, str] | None = None,
@@ -222,22 +233,37 @@ class Proxy:
             self._note_guard(name, instance_id, False, 0, "valid access_token")
             return None
         if name == "get_qrcode":
-            query = validation.express_query(request.rel_url.raw_query_string,
-                                             ("instance_id",))
-            instance_id = "" if isinstance(query, validation.Problem) else \
-                query.get("instance_id", "")
-            session = self.replayer.sessions.find(instance_id)
-            ready = session is not None and session.state is SessionState.READY
-            if proxy.guard_qrcode and ready and request.query.get("force") != "1":
-                return self._guarded_refusal(name, instance_id, json_error(
-                    409, f"instance {instance_id} is connected (its WhatsApp session is "
-                         f"ready): GET /get_qrcode would delete that session and log the "
-                         f"phone out. To do it anyway, add force=1 to the query (or set "
-                         f"proxy.guard_qrcode: false)", instance_id=instance_id),
-                    "the session is ready")
-            self._note_guard(name, instance_id, False, 0,
-                             "forced" if ready else "the session is not known to be ready")
+            instance_id, refusal = self.qrcode_refusal(request.rel_url.raw_query_string)
+            if refusal is not None:
+                return json_error(409, refusal, instance_id=instance_id)
         return None
+
+    def qrcode_refusal(self, raw_query: str) -> tuple[str, str | None]:
+        """A ``GET /get_qrcode``'s instance id and, when the guard refuses it (the instance is
+        known to be ready, no ``force=1``), the reason to answer with 409; noted either way."""
+        query = validation.express_query(raw_query, ("instance_id", "force"))
+        instance_id = "" if isinstance(query, validation.Problem) else \
+            query.get("instance_id", "")
+        forced = not isinstance(query, validation.Problem) and query.get("force") == "1"
+        session = self.replayer.sessions.find(instance_id)
+        ready = session is not None and session.state is SessionState.READY
+        if self.cfg.proxy.guard_qrcode and ready and not forced:
+            self._note_guard("get_qrcode", instance_id, True, 409, "the session is ready")
+            return instance_id, (
+                f"instance {instance_id} is connected (its WhatsApp session is ready): GET "
+                f"/get_qrcode would delete that session and log the phone out. To do it "
+                f"anyway, add force=1 to the query (or set proxy.guard_qrcode: false)")
+        self._note_guard("get_qrcode", instance_id, False, 0,
+                         "forced" if ready else "the session is not known to be ready")
+        return instance_id, None
+
+    def relay_guard(self, method: bytes, route: bytes, raw_query: bytes) -> Reject | None:
+        """The relay's last word on a request it is about to forward (see
+        :attr:`Relay.guard`): the ``/get_qrcode`` guard."""
+        if route != b"/get_qrcode" or method not in (b"GET", b"HEAD"):
+            return None
+        instance_id, refusal = self.qrcode_refusal(raw_query.decode("latin1"))
+        return None if refusal is None else Reject(409, refusal, instance_id=instance_id)
 
     def _guarded_refusal(self, name: str, instance_id: str, resp: web.Response, why: str
                          ) -> web.Response:
@@ -250,7 +276,7 @@ class Proxy:
             log.warning("GET /%s for %s refused (%d): %s", name, instance_id or "?", status,
                         why)
         else:
-            log.info("GET /%s for %s goes to api-blast (%s)", name, instance_id or "?", why)
+            log.debug("GET /%s for %s goes to api-blast (%s)", name, instance_id or "?", why)
         if self.on_guard is not None:
             self.on_guard(name, instance_id, refused, status, why)
 
@@ -552,10 +578,7 @@ class Proxy:
         route = route[:-1] if route.endswith("/") else route
         if route in READ_ROUTES and resp.status < 500:
             body = await resp.read()
-            if route == "/logout":
-                self._learn_logout(request, resp.status, body)
-            else:
-                self._learn_verdict(request, resp.status, body)
+            self.learn_answer(route, request.rel_url.raw_query_string, resp.status, body)
             out.content_length = len(body)
             await out.prepare(request)
             await out.write(body)
@@ -577,30 +600,31 @@ class Proxy:
         await out.write_eof()
         return out
 
-    def _learn_logout(self, request: web.Request, status: int, body: bytes) -> None:
-        """api-blast logged the instance out (it deleted its credentials): it needs a new QR
-        scan. Its console may only show a closed socket, so the answer is the signal."""
-        instance_ids = request.query.getall("instance_id", [])
-        if status != 200 or len(instance_ids) != 1 or self.on_logged_out is None:
-            return
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            return
-        if isinstance(doc, dict) and doc.get("status") == "success":
-            self.on_logged_out(instance_ids[0])
+    def learn_answer(self, route: str, raw_query: str, status: int, body: bytes) -> None:
+        """What api-blast's answer to a read route teaches (from the aiohttp pass-through,
+        or a copy from the relay: see :attr:`Relay.learn`).
 
-    def _learn_verdict(self, request: web.Request, status: int, body: bytes) -> None:
-        """api-blast's answer to a route that runs its token gate says whether the token
-        opens the instance (and ``/instance`` names its phone jid)."""
-        instance_ids = request.query.getall("instance_id", [])
-        tokens = request.query.getall("access_token", [])
-        if len(instance_ids) != 1 or len(tokens) > 1:
-            return  # api-blast saw an array, or no token: its answer says nothing of a pair
+        ``/instance``, ``/get_groups`` run api-blast's token gate: the answer says whether the
+        token opens the instance (and ``/instance`` names its phone jid). ``/logout``
+        answered with success: api-blast deleted the credentials, the instance needs a QR
+        scan (its console may only show a closed socket)."""
+        query = URL.build(query_string=raw_query, encoded=True).query
+        instance_ids = query.getall("instance_id", [])
+        if len(instance_ids) != 1:
+            return  # none, or api-blast saw an array
         instance_id = instance_ids[0]
-        if not self._id_pattern.fullmatch(instance_id):
+        if route == "/logout":
+            if status == 200 and self.on_logged_out is not None and _succeeded(body):
+                self.on_logged_out(instance_id)
             return
+        tokens = query.getall("access_token", [])
+        if len(tokens) > 1 or not self._id_pattern.fullmatch(instance_id):
+            return  # api-blast saw an array: its answer says nothing of a pair
         self.auth.learn_answer(instance_id, tokens[0] if tokens else None, status, body)
+
+    def learn_relayed(self, route: bytes, raw_query: bytes, status: int, body: bytes) -> None:
+        """:meth:`learn_answer` for a copy of an answer the relay passed on."""
+        self.learn_answer(route.decode("latin1"), raw_query.decode("latin1"), status, body)
 
     async def wait_inline(self, deadline_s: float) -> None:
         """Let inline attempts finish (shutdown), at most ``deadline_s``."""

@@ -43,6 +43,7 @@ from .upstream import (
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 8190  # a longer head goes to aiohttp (its max_line_size / max_field_size)
+LEARN_MAX_BYTES = 65536  # a longer answer to a learning route is relayed, not read
 MAX_HEADERS = 100
 BUFFER_HIGH = 256 * 1024  # client bytes buffered while a request is in flight: pause above
 RETRYABLE = frozenset(m.encode() for m in RETRYABLE_METHODS)
@@ -81,26 +82,35 @@ PAUSE_UPSTREAM, PAUSE_BUFFER = 1, 2
 class Request:
     """What the relay needs of a parsed plain request head."""
 
-    __slots__ = ("body_length", "chunked", "close", "head", "method")
+    __slots__ = ("body_length", "chunked", "close", "head", "method", "target")
 
     def __init__(self, method: bytes, head: bytes, body_length: int, chunked: bool,
-                 close: bool) -> None:
+                 close: bool, target: bytes = b"/") -> None:
         self.method = method
         self.head = head  # the head as it goes upstream, CRLF CRLF included
         self.body_length = body_length
         self.chunked = chunked
         self.close = close
+        self.target = target  # as the client sent it (origin form)
+
+
+def route_of(path: bytes) -> bytes:
+    """``path`` as api-blast's Express router matches it: any ASCII letter case, one
+    optional trailing slash (``/Instance/`` is ``/instance``)."""
+    path = path.lower()
+    return path[:-1] if len(path) > 1 and path.endswith(b"/") else path
 
 
 class Reject:
     """A request answered at once with an error and never forwarded (its framing cannot be
     read safely); the connection closes after the answer."""
 
-    __slots__ = ("message", "status")
+    __slots__ = ("extra", "message", "status")
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, **extra: str) -> None:
         self.status = status
         self.message = message
+        self.extra = extra  # more fields of the JSON answer
 
 
 BARE_LF = Reject(400, "the request head has a line ending in a bare LF: every line of an "
@@ -184,7 +194,7 @@ def parse_request(head: bytes, host_line: bytes, prefix: bytes,
     # 400 and never forwarded); it then goes with a Content-Length (see ClientConn).
     keep.append(host_line)
     keep.append(b"\r\n")
-    return Request(method, b"\r\n".join(keep), max(length, 0), chunked, close)
+    return Request(method, b"\r\n".join(keep), max(length, 0), chunked, close, target)
 
 
 def _unsupported_coding(value: bytes) -> Reject:
@@ -264,9 +274,9 @@ class ChunkedDecoder:
         return pos
 
 
-def error_answer(status: int, message: str, close: bool) -> bytes:
+def error_answer(status: int, message: str, close: bool, **extra: str) -> bytes:
     """The JSON error the aiohttp pass-through gives (``json_error``), as bytes."""
-    body = json.dumps({"status": "error", "message": message}).encode()
+    body = json.dumps({"status": "error", "message": message, **extra}).encode()
     return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
             b"Content-Length: %d\r\n%s\r\n%s"
             % (status, HTTPStatus(status).phrase.encode(), len(body),
@@ -325,14 +335,12 @@ def parse_response(head: bytes, head_request: bool) -> tuple[int, list[bytes], i
 
 class LocalRoutes:
     """The paths the aiohttp application routes itself (everything but the catch-all
-    pass-through resource), plus ``/instance`` and ``/get_groups`` (their answers are read by
-    the pass-through: token verdicts, the phone jid) and
-    those ``also`` names."""
+    pass-through resource), and those ``also`` names."""
 
     def __init__(self, app: web.Application, pass_through: Any,
                  also: Callable[[str], bool] | None = None) -> None:
         self.also = also  # more paths for aiohttp (a guarded route spelled another way)
-        self.plain: set[bytes] = {b"/instance", b"/get_groups"}
+        self.plain: set[bytes] = set()
         self.patterns: list[re.Pattern[str]] = []
         self.prefixes: list[bytes] = []
         for resource in app.router.resources():
@@ -387,6 +395,14 @@ class Relay:
         self.pass_through_timeout_s = cfg.upstream.pass_through_timeout_s
         self.idle_timeout_s = cfg.limits.idle_timeout_s
         self.max_chunked_body = cfg.limits.max_body_bytes
+        # Routes whose answers teach something (their route, as :func:`route_of` gives it):
+        # a copy of an answer of at most LEARN_MAX_BYTES goes to ``learn`` once it is whole,
+        # off the path of the bytes (called soon after, by the event loop).
+        self.learn_routes: frozenset[bytes] = frozenset()
+        self.learn: Callable[[bytes, bytes, int, bytes], None] | None = None
+        # A last word before a request goes upstream: an error to answer instead (method,
+        # route, raw query), or None.
+        self.guard: Callable[[bytes, bytes, bytes], Reject | None] | None = None
         self.clients: set[ClientConn] = set()
         self.pool: list[UpstreamConn] = []
         self._sweep: asyncio.TimerHandle | None = None
@@ -492,20 +508,23 @@ class UpstreamConn(asyncio.Protocol):
         self.state = F_NONE  # while answering: -1 head, else the framing of the body
         self.remaining = 0
         self.decoder: ChunkedDecoder | None = None
-        self.chunked_body = bytearray()  # a chunked request body, read whole before it goes
         self.head_request = False
         self.got = False  # any answer byte received for the current request
         self.alive = True
+        # A copy of the answer's body, for a route that learns from it (else None).
+        self.copy: bytearray | None = None
+        self.copy_status = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # (uvloop's is no subclass)
 
-    def begin(self, client: ClientConn, head_request: bool) -> None:
+    def begin(self, client: ClientConn, head_request: bool, learn: bool = False) -> None:
         self.client = client
         self.state = -1
         self.buf = b""
         self.got = False
         self.head_request = head_request
+        self.copy = bytearray() if learn and not head_request else None
         if client.writing_paused:
             self.pause()
 
@@ -572,6 +591,8 @@ class UpstreamConn(asyncio.Protocol):
             break
         self.alive = alive
         self.state = framing
+        if self.copy is not None:
+            self._start_copy(status, framing, length, data)
         if framing in (F_CHUNKED, F_CLOSE):
             keep.append(b"Transfer-Encoding: chunked")
             self.decoder = ChunkedDecoder() if framing == F_CHUNKED else None
@@ -603,6 +624,8 @@ class UpstreamConn(asyncio.Protocol):
     def _body(self, client: ClientConn, data: bytes) -> None:
         state = self.state
         if state == F_LENGTH:
+            if self.copy is not None:
+                self.copy += data[:self.remaining]
             n = len(data)
             if n < self.remaining:
                 self.remaining -= n
@@ -617,7 +640,8 @@ class UpstreamConn(asyncio.Protocol):
         elif state == F_CHUNKED:
             assert self.decoder is not None
             try:
-                used = self.decoder.feed(data, client.write_chunk)
+                used = self.decoder.feed(data, client.write_chunk if self.copy is None
+                                         else self._copy_chunk)
             except ValueError as exc:
                 log.warning("pass-through: api-blast sent a bad chunked body: %s", exc)
                 self.alive = False
@@ -632,9 +656,40 @@ class UpstreamConn(asyncio.Protocol):
         elif state == F_CLOSE:
             client.write_chunk(data)
 
+    def _start_copy(self, status: int, framing: int, length: int, data: bytes) -> None:
+        """The answer to a learning route begins: copied only when it can teach (not a 5xx)
+        and fits LEARN_MAX_BYTES (a chunked one is given up once it outgrows it)."""
+        assert self.copy is not None
+        self.copy_status = status
+        if status >= 500 or framing == F_CLOSE or (
+                framing == F_LENGTH and length > LEARN_MAX_BYTES):
+            self.copy = None
+        elif framing == F_LENGTH:
+            self.copy += data[:length]
+
+    def _copy_chunk(self, data: bytes) -> None:
+        """A piece of a chunked answer to a learning route: relayed, and copied while the
+        copy stays within LEARN_MAX_BYTES."""
+        assert self.client is not None
+        self.client.write_chunk(data)
+        copy = self.copy
+        if copy is not None:
+            if len(copy) + len(data) > LEARN_MAX_BYTES:
+                self.copy = None
+            else:
+                copy += data
+
     def _done(self, client: ClientConn) -> None:
         self.state = F_NONE
         self.decoder = None
+        copy, self.copy = self.copy, None
+        if copy is not None and client.req is not None and self.relay.learn is not None:
+            target = client.req.target
+            q = target.find(b"?")
+            self.relay.loop.call_soon(self.relay.learn, route_of(target if q < 0 else
+                                                                 target[:q]),
+                                      b"" if q < 0 else target[q + 1:], self.copy_status,
+                                      bytes(copy))
         client.answer_complete(self, self.alive)
 
     def _fail(self, client: ClientConn, detail: str) -> None:
@@ -678,6 +733,7 @@ class ClientConn(asyncio.Protocol):
         self.body_left = 0
         self.decoder: ChunkedDecoder | None = None
         self.chunked_body = bytearray()  # a chunked request body, read whole before it goes
+        self.learning = False  # the request in flight is to a route that learns its answer
         self.body_done = True
         self.answer_started = False
         self.close_after = False
@@ -818,6 +874,8 @@ class ClientConn(asyncio.Protocol):
         self.answer_started = False
         self.close_after = req.close or relay.closing  # (a half-close: see _finish)
         self._set_deadline(self.loop.time() + relay.pass_through_timeout_s)
+        if (relay.learn_routes or relay.guard is not None) and self._screened(req, rest):
+            return
         if req.chunked:
             # Read whole first: nothing goes upstream until the body is known to be sound.
             self.decoder = ChunkedDecoder()
@@ -831,6 +889,27 @@ class ClientConn(asyncio.Protocol):
         if rest:
             self.data_received(bytes(rest))
 
+    def _screened(self, req: Request, rest: bytes | bytearray) -> bool:
+        """Whether the relay's guard answered ``req`` itself (then it goes no further); notes
+        whether its answer is to be learnt from."""
+        relay = self.relay
+        target = req.target
+        q = target.find(b"?")
+        route = route_of(target if q < 0 else target[:q])
+        self.learning = route in relay.learn_routes
+        refusal = None if relay.guard is None else relay.guard(
+            req.method, route, b"" if q < 0 else target[q + 1:])
+        if refusal is None:
+            return False
+        if req.chunked or req.body_length:
+            self._reject(refusal)  # (its body is not read: the connection closes)
+            return True
+        self.decoder = None
+        self.body_done = True
+        self.buf = bytearray(rest)
+        self._error(refusal.status, refusal.message, **refusal.extra)
+        return True
+
     def _go_up(self, data: bytes) -> None:
         """Send the request's head (and what is known of its body) upstream."""
         assert self.req is not None
@@ -842,7 +921,7 @@ class ClientConn(asyncio.Protocol):
         else:
             self.pending = None
             self.up = up
-            up.begin(self, self.req.method == b"HEAD")
+            up.begin(self, self.req.method == b"HEAD", self.learning)
             up.transport.write(data)
 
     def _reject(self, reject: Reject) -> None:
@@ -855,7 +934,7 @@ class ClientConn(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.buf = bytearray()
-        self.transport.write(error_answer(reject.status, reject.message, True))
+        self.transport.write(error_answer(reject.status, reject.message, True, **reject.extra))
         self.transport.close()
 
     def _send_up(self, data: bytes) -> None:
@@ -950,7 +1029,7 @@ class ClientConn(asyncio.Protocol):
             self.phase = P_DONE
             self.transport.close()
 
-    def _error(self, status: int, message: str) -> None:
+    def _error(self, status: int, message: str, **extra: str) -> None:
         """Answer the request in flight with a JSON error (no upstream answer came)."""
         self.up = None
         self.pending = None
@@ -959,7 +1038,7 @@ class ClientConn(asyncio.Protocol):
         close = (self.close_after or not self.body_done or (self.eof and not self.buf)
                  or self.relay.closing)
         self.close_after = close
-        self.transport.write(error_answer(status, message, close))
+        self.transport.write(error_answer(status, message, close, **extra))
         self._finish()
 
     def upstream_ready(self, seq: int, up: UpstreamConn) -> None:
@@ -969,7 +1048,7 @@ class ClientConn(asyncio.Protocol):
             return
         pending, self.pending = self.pending, None
         self.up = up
-        up.begin(self, self.req is not None and self.req.method == b"HEAD")
+        up.begin(self, self.req is not None and self.req.method == b"HEAD", self.learning)
         up.transport.write(b"".join(pending))
         if self.paused & PAUSE_BUFFER and len(self.buf) <= BUFFER_HIGH:
             self.resume(PAUSE_BUFFER)
@@ -1009,7 +1088,7 @@ class ClientConn(asyncio.Protocol):
                 self.relay.connect(self, self.seq)
             else:
                 self.up = nxt
-                nxt.begin(self, req.method == b"HEAD")
+                nxt.begin(self, req.method == b"HEAD", self.learning)
                 nxt.transport.write(req.head)
             return
         self._error(502, CLOSED_WITHOUT_ANSWER)

@@ -11,6 +11,8 @@ const http = require('http');
 const crypto = require('crypto');
 
 const sent = [];
+// About 60 KB of JSON, as api-blast's GET /get_qrcode answers.
+const QR_PNG = 'data:image/png;base64,' + crypto.randomBytes(45000).toString('base64');
 const calls = {};
 
 function reply(res, status, body) {
@@ -80,6 +82,10 @@ async function route(req, res) {
         message: 'Success',
         data: { id: '6281234567890:21@s.whatsapp.net', name: 'Node upstream', lid: '210987654321098:21@lid' },
       });
+    case 'GET /get_qrcode':
+      // A QR code answer is a base64 PNG: tens of KB.
+      if (!authorized(url)) return reply(res, 200, { status: 'error', message: 'Instance ID Invalidated' });
+      return reply(res, 200, { status: 'success', message: 'Success', base64: QR_PNG });
     case 'POST /send_message':
       return sendMessage(req, res, url);
     case 'GET /_sim/sent':

@@ -75,6 +75,31 @@ const server = http.createServer(async (req, res) => {
       req.on('end', () => json(res, 200, { size, sha256: hash.digest('hex') }));
       return undefined;
     }
+    case '/instance': {
+      // api-blast's GET /instance answer (token accepted), framed as ?frame= asks:
+      // length, chunked, cut (the connection dies in the middle), big (over 64 KB).
+      const frame = url.searchParams.get('frame') || 'length';
+      const doc = {
+        status: 'success', message: 'Success',
+        data: { id: url.searchParams.get('jid'), name: 'Relay test', lid: '1:1@lid' },
+      };
+      if (frame === 'big') doc.data.avatar = 'x'.repeat(70000);
+      const text = JSON.stringify(doc);
+      if (frame === 'chunked') {
+        res.writeHead(200, { 'Content-Type': 'application/json; charset=utf-8' });
+        res.write(text.slice(0, 20));
+        setTimeout(() => res.end(text.slice(20)), 10);
+        return undefined;
+      }
+      res.writeHead(200, { 'Content-Type': 'application/json; charset=utf-8',
+        'Content-Length': Buffer.byteLength(text) });
+      if (frame === 'cut') {
+        res.write(text.slice(0, 30));
+        setTimeout(() => req.socket.destroy(), 20);
+        return undefined;
+      }
+      return res.end(text);
+    }
     case '/cut': {
       // Declares 100,000 bytes, sends 1,000, then the connection dies (api-blast killed
       // in the middle of an answer).

@@ -31,6 +31,7 @@ from conftest import (
     http,
     start_supervisor,
     supervisor_config,
+    wait_until,
 )
 
 from supervisor import relay
@@ -622,3 +623,60 @@ def test_no_secret_in_the_daemons_log(stack: Stack) -> None:
     assert TOKEN not in text and BEARER not in text, [
         line for line in text.splitlines() if TOKEN in line or BEARER in line][:3]
     assert "[redacted]" in text
+
+
+def test_read_route_answers_are_relayed_and_learnt_from(tmp_path: Path,
+                                                         children: list[Child]) -> None:
+    """``GET /instance`` goes through the relay (no aiohttp ``Server`` header), its bytes as
+    they come, and the relay learns the phone jid from a copy of the answer, content-length
+    or chunked: a later id-less ``OPEN STEP 1 { id: '<jid>' }`` is then attributed to that
+    instance by its jid. A cut answer teaches nothing (and breaks nothing); one over the
+    learning bound is relayed whole and not read."""
+    upstream = start_upstream(tmp_path, children)
+    log = tmp_path / "api-blast.log"
+    log.touch()
+    config, port = supervisor_config(tmp_path, upstream, log)
+    start_supervisor(children, tmp_path, config, port)
+    cases = {"length": "68B2F1A0C3D41", "chunked": "68B2F1A0C3D42", "cut": "68B2F1A0C3D43",
+             "big": "68B2F1A0C3D44"}
+    jids = {frame: f"62811111{n}:21@s.whatsapp.net" for n, frame in enumerate(cases)}
+    for frame, instance in cases.items():
+        conn = Conn(port)
+        conn.sock.settimeout(5)
+        target = (f"/instance?instance_id={instance}&access_token=t&frame={frame}"
+                  f"&jid={jids[frame]}")
+        if frame == "cut":
+            conn.send(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert conn.file.readline().startswith(b"HTTP/1.1 200")
+            while conn.file.readline() != b"\r\n":
+                pass
+            assert len(conn.file.read()) == 30  # what came, then the close
+        else:
+            resp = conn.request("GET", target)
+            assert resp.status == 200 and not resp.by_aiohttp, resp
+            assert resp.json()["data"]["id"] == jids[frame]
+            if frame == "big":
+                assert len(resp.body) > relay.LEARN_MAX_BYTES
+        conn.close()
+    with log.open("a") as fh:
+        for frame in cases:
+            fh.write(f"OPEN STEP 1 {{\n  id: '{jids[frame]}',\n  name: 'x',\n"
+                     f"  lid: '1:1@lid'\n}}\n")
+        fh.write("State 1\n")
+
+    def readies() -> dict[str | None, str]:
+        events = http("GET", f"http://127.0.0.1:{port}/supervisor/events?limit=200")[2]
+        return {e["instance_id"]: e["attribution"] for e in events["events"]
+                if e["event"] == "ready"}
+    wait_until(lambda: len(readies()) >= 2, 10, "the ready blocks to be read")
+    got = readies()
+    assert got.get(cases["length"]) == "jid" and got.get(cases["chunked"]) == "jid", got
+    assert got.get(cases["cut"]) != "jid" and got.get(cases["big"]) != "jid", got
+
+
+@pytest.mark.parametrize(("path", "route"), [
+    (b"/instance", b"/instance"), (b"/Instance/", b"/instance"), (b"/GET_GROUPS", b"/get_groups"),
+    (b"/", b"/"), (b"/instance//", b"/instance/"),
+])
+def test_route_of_is_expresss_matching(path: bytes, route: bytes) -> None:
+    assert relay.route_of(path) == route
