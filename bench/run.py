@@ -32,6 +32,9 @@ Figures (see the README's "Performance" section for how each is made fair):
   start → ``ready:`` time (against the same start with an empty journal).
 * ``idle``: the daemon's CPU over 60 s (10 s quick) while nothing happens: production defaults
   (process watcher, recovery checks), one ready instance, its log file followed.
+* ``soak``: ``bench/soak.py`` for 10 min (30 s quick): 500 instances, 250 guarded sends/s to
+  the simulator, drops on 10 % of the instances; acknowledgement p99, lost and duplicated
+  sends, RSS growth, the daemon's CPU per send.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 import latency
 import psutil
+import soak
 
 from supervisor import events
 from supervisor.attribution import Attributor
@@ -342,6 +346,38 @@ def bench_idle(quick: bool, work: Path, ctx: dict[str, Any]) -> dict[str, Any]:
             "met": idle <= 0.2}
 
 
+def bench_soak(quick: bool, work: Path, ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fleet soak (bench/soak.py): 500 instances, 250 guarded sends/s, a drop every 2 s
+    on 10 % of the instances; 30 s quick, 10 min full."""
+    seconds = 30 if quick else 600
+    out = soak.run(work, 500, 250, seconds, 2.0, 10 if quick else 60)
+    ctx["soak"] = out
+    rss = [r for _, r in out["rss"]]
+    first = rss[1] if len(rss) > 2 else rss[0]  # after the first interval
+    growth = (max(rss[1:]) - first) / first * 100
+    where = f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"
+    return [
+        {"figure": f"soak {where}: acknowledgement p99", "measured": out["ack_p99_ms"],
+         "unit": "ms", "references": {"p50": out["ack_p50_ms"], "sends": out["sends"],
+                                      "acknowledged": out["acked"]},
+         "ratio": None, "ratio_of": None, "target": "<= 50 ms",
+         "met": out["ack_p99_ms"] <= 50},
+        {"figure": f"soak {where}: lost / duplicated", "measured": out["lost"],
+         "unit": "lost", "references": {"duplicated": out["duplicated"]}, "ratio": None,
+         "ratio_of": None, "target": "0 and 0",
+         "met": out["lost"] == 0 and out["duplicated"] == 0},
+        {"figure": f"soak {where}: RSS growth after the first interval",
+         "measured": round(growth, 1), "unit": "%",
+         "references": {"first MB": round(first / 1e6, 1),
+                        "last MB": round(rss[-1] / 1e6, 1)},
+         "ratio": None, "ratio_of": None, "target": "<= 10 %", "met": growth <= 10},
+        {"figure": f"soak {where}: daemon CPU per guarded send", "measured":
+         out["cpu_per_send_ms"], "unit": "ms", "references": {"CPU s": out["cpu_s"]},
+         "ratio": None, "ratio_of": None, "target": "<= 1 ms",
+         "met": out["cpu_per_send_ms"] <= 1},
+    ]
+
+
 # Timestamps in the fixtures (pino's ISO time, epoch milliseconds): changed in every copy, as
 # in a real log, so that no line carrying one is ever seen twice.
 _STAMP = re.compile(rb"(?<=\d\d:\d\d:\d\d\.)\d{3}(?=Z)|(?<!\d)1\d{12}(?!\d)")
@@ -551,6 +587,7 @@ BENCHES: dict[str, Callable[[bool, Path, dict[str, Any]], Any]] = {
     "replay": bench_replay,
     "restart": bench_restart,
     "idle": bench_idle,
+    "soak": bench_soak,
 }
 
 

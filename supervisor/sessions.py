@@ -207,13 +207,18 @@ class Sessions:
         elif event.kind is EventKind.CONFLICT:
             s.conflicts.append(now)
             s.hold_until = now + self.cfg.conflict_delay_s
-            s.ready_pending = False
             self._drop(s, SessionState.CONFLICT, event.code, now, guessed)
+            s.ready_pending = False
         elif self._in_conflict_hold(s, now) and event.kind is not EventKind.LOGGED_OUT:
             # The close that follows a 440 (connection errored, connection closed, a
             # reconnect attempt) must not shorten the conflict hold; but a ready remembered
             # during the hold no longer counts: the latest signal is not ready any more.
-            s.ready_pending = False
+            # Unless that close names no instance: with many instances in one log, a close
+            # guessed to be this one's (adjacent records) may be another's, and cancelling
+            # an exact ready on a guess would hold the instance until its next ready line,
+            # which a connected instance never prints.
+            if not guessed or s.guessed:
+                s.ready_pending = False
             return [s.instance_id]
         elif s.state is SessionState.LOGGED_OUT and event.kind is EventKind.DISCONNECTED:
             # Baileys closes the socket right after a 401 (connection errored, connection
@@ -320,8 +325,10 @@ class Sessions:
               guessed: bool) -> None:
         if s.dropped_at is None or s.state in (SessionState.READY, SessionState.UNKNOWN):
             s.dropped_at = now
-        # An exact signal is never downgraded to a guess by a later guessed record.
-        s.guessed = guessed and (s.guessed or s.state in (SessionState.READY, SessionState.UNKNOWN))
+        # An exact signal is never downgraded to a guess by a later guessed record, until a
+        # ready came after it (then the guessed record is a new drop: after its hold, probed).
+        s.guessed = guessed and (s.guessed or s.ready_pending
+                                 or s.state in (SessionState.READY, SessionState.UNKNOWN))
         if s.guessed and s.probe_at < now:
             s.probe_at = now + self._probe_backoff(max(1, s.probe_failures))
         self._set(s, state, code, now)

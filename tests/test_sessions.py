@@ -108,6 +108,25 @@ SCENARIOS = [
     ], id="ready-during-hold-is-remembered"),
     pytest.param([
         Apply(100, ev(K.CONFLICT, 440)),
+        Apply(105, ev(K.READY)),
+        Apply(106, ev(K.DISCONNECTED, 428, GUESS)),  # another instance's close, guessed ours
+        Gate(130, SEND, None, S.READY),
+    ], id="a-guessed-close-during-the-hold-keeps-an-exact-ready"),
+    pytest.param([
+        Apply(100, ev(K.CONFLICT, 440)),
+        Apply(105, ev(K.READY)),
+        Apply(106, ev(K.DISCONNECTED, 428)),  # its own close: the ready no longer counts
+        Gate(130, HOLD, None, S.CONFLICT),
+    ], id="an-exact-close-during-the-hold-cancels-the-ready"),
+    pytest.param([
+        Apply(100, ev(K.CONFLICT, 440)),
+        Apply(105, ev(K.READY)),
+        Apply(106, ev(K.CONFLICT, 440, GUESS)),  # a new 440 of unknown owner, after the ready
+        Gate(135, HOLD, 136, S.CONFLICT),
+        Gate(136, PROBE, None, S.CONFLICT),  # a guess: probed, not held for ever
+    ], id="a-guessed-conflict-after-an-exact-ready-is-probed-after-its-hold"),
+    pytest.param([
+        Apply(100, ev(K.CONFLICT, 440)),
         Gate(131, HOLD, None, S.CONFLICT),
         Gate(10_000, HOLD, None, S.CONFLICT),
         Apply(10_001, ev(K.READY)),
