@@ -307,18 +307,6 @@ def bench_line_state(quick: bool, work: Path, ctx: dict[str, Any]) -> dict[str, 
             "target": "<= 10 ms", "met": p99 <= 10}
 
 
-def _cpu_ns(pid: int) -> int:
-    """CPU time of every thread of ``pid`` in nanoseconds (``/proc/PID/task/*/schedstat``:
-    the kernel's own count, finer than the 10 ms ticks of ``cpu_times``)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # a thread that ended meanwhile
-    return total
-
-
 def bench_idle(quick: bool, work: Path, ctx: dict[str, Any]) -> dict[str, Any]:
     """CPU the daemon uses while nothing happens, with its production defaults (the process
     watcher and the recovery checks on), one ready instance and a followed file."""
@@ -334,9 +322,9 @@ def bench_idle(quick: bool, work: Path, ctx: dict[str, Any]) -> dict[str, Any]:
                 "log_source": {"type": "file", "path": str(log), "start_at": "start"},
                 "process": {"enabled": True}, "recovery": {}})
             time.sleep(3)  # past the start: the first scans, the first liveness check
-            before = _cpu_ns(daemon.proc.pid)
+            before = harness.cpu_ns(daemon.proc.pid)
             time.sleep(seconds)
-            used = _cpu_ns(daemon.proc.pid) - before
+            used = harness.cpu_ns(daemon.proc.pid) - before
         return used / 1e9 / seconds * 100
 
     idle = cpu_share("idle")

@@ -39,23 +39,6 @@ def instance_ids(n: int) -> list[str]:
     return [f"68B2{i:09X}" for i in range(n)]
 
 
-def _cpu_ns(pid: int) -> int:
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
-
-
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def _pct(samples: list[float], p: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] if ordered \
@@ -120,7 +103,7 @@ class Soak:
         for n in range(total):
             now = time.perf_counter()
             if now >= next_sample:
-                self.rss.append((round(now - start, 1), _rss(self.pid)))
+                self.rss.append((round(now - start, 1), harness.rss(self.pid)))
                 next_sample += sample_every
             due = start + n / rate
             if due > now:
@@ -131,7 +114,7 @@ class Soak:
         if in_flight:
             await asyncio.wait(in_flight, timeout=60)
         elapsed = time.perf_counter() - start
-        self.rss.append((round(elapsed, 1), _rss(self.pid)))
+        self.rss.append((round(elapsed, 1), harness.rss(self.pid)))
         return total, elapsed
 
     async def settle(self, within_s: float) -> tuple[list[str], Counter[str], Counter[str]]:
@@ -160,9 +143,9 @@ class Soak:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
             self.session = session
             dropper = asyncio.ensure_future(self.drops(drop_every))
-            cpu0 = _cpu_ns(self.pid)
+            cpu0 = harness.cpu_ns(self.pid)
             total, elapsed = await self.drive(rate, seconds, sample_every)
-            cpu_s = (_cpu_ns(self.pid) - cpu0) / 1e9
+            cpu_s = (harness.cpu_ns(self.pid) - cpu0) / 1e9
             dropper.cancel()
             missing, delivered, why = await self.settle(max(60.0, seconds))
         return {"sends": total, "acked": len(self.acked), "errors": dict(self.errors),
