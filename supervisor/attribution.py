@@ -12,6 +12,11 @@ events out. Strategies are tried in the configured order (``parser.attribution``
 * ``all_with_traffic`` — a drop is applied to every instance with traffic, as a guess that
   the probe of SPEC §2 lifts for the instances that were in fact fine.
 
+Before a drop goes to every instance with traffic, the intake looks a few lines further in the
+same read (``following``, :data:`FOLLOWING_LINES`): api-blast's patched variant prints the
+id-less Boom dump first and the line naming its instance right after (``⏰ Scheduling retry for
+X … (conflict 440)``); the drop is then X's alone, instead of holding the whole fleet.
+
 Every attributed event says which strategy named its instance (``Event.attribution``); only
 ``id`` is exact, the others are guesses (:class:`~supervisor.sessions.Sessions` probes them).
 :class:`Attributor` keeps the little state ``adjacent`` needs.
@@ -28,6 +33,8 @@ JID = "jid"  # the record names a phone jid that GET /instance gave for one inst
 ADJACENT = "adjacent"  # the id-bearing record just before it in the same stream
 ONLY_INSTANCE = "only_instance"  # there is one known instance: it is that one
 ALL_WITH_TRAFFIC = "all_with_traffic"  # a drop is applied to every instance with traffic
+FOLLOWING = "following"  # a line naming its instance came just after, with the same drop
+FOLLOWING_LINES = 80  # ``following``: at most this many lines after, in the same read
 
 STRATEGIES = (JID, ADJACENT, ONLY_INSTANCE, ALL_WITH_TRAFFIC)  # the default order
 ADJACENT_RECORDS = 3  # ``adjacent``: at most this many records after the id-bearing one
@@ -119,3 +126,39 @@ class Attributor:
         if now - last.at > self.adjacent_window_s:
             return None
         return last.instance_id
+
+
+class FleetGuesses:
+    """Drops that named no instance and would go to every instance with traffic, waiting
+    (within one read, :data:`FOLLOWING_LINES` lines at most) for a drop line that names its
+    instance: they are then that instance's (``following``)."""
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[list[Event], int]] = []  # (events, line)
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
+
+    def hold(self, attributed: list[Event], line: int) -> None:
+        self._waiting.append((attributed, line))
+
+    def due(self, line: int) -> list[tuple[list[Event], int]]:
+        """The guesses that waited long enough by ``line``: they go to every instance."""
+        out = [w for w in self._waiting if line - w[1] > FOLLOWING_LINES]
+        if out:
+            self._waiting = [w for w in self._waiting if line - w[1] <= FOLLOWING_LINES]
+        return out
+
+    def claim(self, exact: Event) -> list[tuple[Event, int]]:
+        """The waiting drops, now attributed to the instance ``exact`` (a drop naming its
+        instance) names: the close and dumps printed before it are its own."""
+        assert exact.instance_id is not None
+        if exact.kind not in _DROPS:
+            return []
+        mine, self._waiting = self._waiting, []
+        return [(evs[0].with_instance(exact.instance_id, FOLLOWING), line) for evs, line in mine]
+
+    def rest(self) -> list[tuple[list[Event], int]]:
+        """What still waits at the end of the read: it goes to every instance."""
+        out, self._waiting = self._waiting, []
+        return out

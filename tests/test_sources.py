@@ -669,3 +669,41 @@ def test_log_source_configuration_errors(mapping: dict[str, Any], path: str) -> 
     with pytest.raises(ConfigError) as info:
         parse_config(mapping)
     assert any(line.startswith(path) for line in info.value.errors), info.value.errors
+
+
+A, B, C = "68B2000000001", "68B2000000002", "68B2000000003"
+
+
+def _fleet(h: Harness) -> list[tuple[str | None, str, str, int]]:
+    return [(f.event.instance_id, f.event.kind.value, f.event.attribution, f.line)
+            for f in h.found]
+
+
+async def test_an_id_less_drop_followed_by_its_owner_holds_only_that_instance() -> None:
+    """Many instances with traffic; the patched variant prints an id-less close and 440 dump,
+    then the line naming the instance. The drop is that instance's alone (``following``),
+    not every instance's."""
+    h = Harness()
+    h.known = [A, B, C]
+    dump = STOCK[12:36]  # the 440 dump (id-less)
+    lines = ["Connection update: close QR: None", *dump, "🚨 Conflict detected on close",
+             f"⏰ Scheduling retry for {B} in 1500ms (conflict 440)"]
+    await h.intake(_batch(lines, 1))
+    assert _fleet(h) == [(B, "disconnected", "following", 1), (B, "conflict", "following", 2),
+                         (B, "conflict", "id", 27)]
+
+
+async def test_an_id_less_drop_with_no_owner_in_its_read_holds_every_instance() -> None:
+    """With no line naming its instance within the read (or within FOLLOWING_LINES), the
+    drop goes to every instance with traffic, as before."""
+    h = Harness()
+    h.known = [A, B, C]
+    dump = STOCK[12:36]
+    await h.intake(_batch([*dump, "State 1"], 1))
+    assert _fleet(h) == [(i, "conflict", "all_with_traffic", 1) for i in (A, B, C)]
+    h.found.clear()
+    far = [*dump, *(["Total sessions:  1"] * 90),
+           f"⏰ Scheduling retry for {B} in 1500ms (conflict 440)"]
+    await h.intake(_batch(far, 100))
+    assert _fleet(h)[:3] == [(i, "conflict", "all_with_traffic", 100) for i in (A, B, C)]
+    assert _fleet(h)[3:] == [(B, "conflict", "id", 214)]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .. import events
-from ..attribution import Attributor
+from ..attribution import ALL_WITH_TRAFFIC, Attributor, FleetGuesses
 from ..clock import Clock
 from ..config import LogSourceConfig
 from ..journal import TailPosition
@@ -258,6 +258,29 @@ class Intake:
         self.stats.records += count
         self.attributor.skip(stream, count)
 
+    def _attribute(self, fleet: FleetGuesses, stream: str, ev: events.Event, line: int,
+                   now: float, found: list[Found], changed: set[str]) -> None:
+        """Attribute the event of the record at ``line`` and apply it; a drop that would go
+        to every instance with traffic waits in ``fleet`` for a line naming its owner."""
+        known, traffic, jids = self._context()
+        attributed = self.attributor.observe(stream, ev, now, known, traffic, jids)
+        if fleet:
+            for evs, at in fleet.due(line):
+                self._apply_all(evs, stream, at, found, changed)
+        if not attributed:
+            log.debug("%s line %d: %s names no instance and none could be inferred",
+                      stream, line, ev.kind.value)
+            if self._on_unattributed is not None:
+                self._on_unattributed(Found(ev, stream, line))
+            return
+        if attributed[0].attribution == ALL_WITH_TRAFFIC:
+            fleet.hold(attributed, line)
+            return
+        if fleet and ev.instance_id is not None:
+            for owned, at in fleet.claim(ev):
+                self._apply_all([owned], stream, at, found, changed)
+        self._apply_all(attributed, stream, line, found, changed)
+
     def _apply_all(self, attributed: Sequence[events.Event], stream: str, line: int,
                    found: list[Found], changed: set[str]) -> None:
         """Apply the events of one record; add those that count to ``found``."""
@@ -284,6 +307,7 @@ class Intake:
         parsed = self._parsed
         on_record = self._on_record
         quiet = 0  # records without an event not counted yet (in order, before the next event)
+        fleet = FleetGuesses()
         for i, rec in enumerate(records):
             if gaps is not None:
                 quiet += gaps[i]
@@ -300,14 +324,9 @@ class Intake:
                 quiet = 0
             st.records += 1
             self.stats.records += 1
-            known, traffic, jids = self._context()
-            attributed = self.attributor.observe(stream, ev, now, known, traffic, jids)
-            if not attributed:
-                log.debug("%s line %d: %s names no instance and none could be inferred",
-                          stream, rec.line, ev.kind.value)
-                if self._on_unattributed is not None:
-                    self._on_unattributed(Found(ev, stream, rec.line))
-            self._apply_all(attributed, stream, rec.line, found, changed)
+            self._attribute(fleet, stream, ev, rec.line, now, found, changed)
+        for evs, line in fleet.rest():
+            self._apply_all(evs, stream, line, found, changed)
         quiet += tail
         if quiet:
             self._pass_over(st, stream, quiet)
