@@ -26,6 +26,7 @@ Only ``\n`` ends a line (form feed, NEL, U+2028 are characters of it).
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -300,12 +301,17 @@ def _line_ends(text: str, needles: Iterable[str]) -> list[int]:
 
 def _minimal(needles: Iterable[str]) -> list[str]:
     """``needles`` without those holding another one (a line with it holds the other too)."""
+    return list(_minimal_of(tuple(needles)))
+
+
+@functools.lru_cache(maxsize=64)
+def _minimal_of(needles: tuple[str, ...]) -> tuple[str, ...]:
     unique = sorted(set(needles), key=len)
     out: list[str] = []
     for needle in unique:
         if not any(other in needle for other in out):
             out.append(needle)
-    return out
+    return tuple(out)
 
 
 def strip_prefix(line: str, prefix: re.Pattern[str] | None) -> str:

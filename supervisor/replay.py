@@ -376,6 +376,7 @@ class Replayer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._draining = False  # set by drain(): from then on _idle is kept up to date
         self.on_outcome: Callable[[str, Outcome, bool], None] | None = None
         # After an attempt was recorded and its lane updated: (lane, the recorded progress).
         self.on_settled: Callable[[Lane, Progress], None] | None = None
@@ -821,7 +822,9 @@ class Replayer:
     # ------------------------------------------------------------------ shutdown
 
     def _settle_idle(self) -> None:
-        if all(lane.in_flight is None for lane in self.lanes.values()):
+        # Only :meth:`drain` waits for it: looking at every lane on every outcome would cost
+        # O(instances) per send.
+        if self._draining and all(lane.in_flight is None for lane in self.lanes.values()):
             self._idle.set()
 
     def hold_sending(self) -> None:
@@ -842,6 +845,7 @@ class Replayer:
 
     async def drain(self, deadline_s: float) -> bool:
         """Wait for in-flight attempts (at most ``deadline_s``); True if none is left."""
+        self._draining = True
         self._idle.clear()
         self._settle_idle()
         finished = await self.clock.wait(self._idle, deadline_s)
