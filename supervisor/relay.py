@@ -117,6 +117,11 @@ BARE_LF = Reject(400, "the request head has a line ending in a bare LF: every li
                       "HTTP/1.1 head must end with CRLF (\\r\\n)")
 
 
+def has_bare_lf(data: bytes | bytearray) -> bool:
+    """Whether a line of ``data`` ends in a LF without its CR."""
+    return data.count(b"\n") != data.count(b"\r\n")
+
+
 def named_tokens(values: list[bytes]) -> set[bytes]:
     """The lower-case tokens of ``Connection`` header values."""
     return {t.strip(b" \t").lower() for v in values for t in v.split(b",")} - {b""}
@@ -128,7 +133,7 @@ def parse_request(head: bytes, host_line: bytes, prefix: bytes,
     that cannot be read safely (a bare LF line end, an HTTP version other than 1.0 and 1.1,
     a transfer coding other than chunked); None: not for the relay (hand the connection over
     to aiohttp)."""
-    if head.count(b"\n") != head.count(b"\r\n"):
+    if has_bare_lf(head):
         return BARE_LF
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
@@ -518,13 +523,13 @@ class UpstreamConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # (uvloop's is no subclass)
 
-    def begin(self, client: ClientConn, head_request: bool, learn: bool = False) -> None:
+    def begin(self, client: ClientConn, head_request: bool) -> None:
         self.client = client
         self.state = -1
         self.buf = b""
         self.got = False
         self.head_request = head_request
-        self.copy = bytearray() if learn and not head_request else None
+        self.copy = bytearray() if client.learning and not head_request else None
         if client.writing_paused:
             self.pause()
 
@@ -683,12 +688,9 @@ class UpstreamConn(asyncio.Protocol):
         self.state = F_NONE
         self.decoder = None
         copy, self.copy = self.copy, None
-        if copy is not None and client.req is not None and self.relay.learn is not None:
-            target = client.req.target
-            q = target.find(b"?")
-            self.relay.loop.call_soon(self.relay.learn, route_of(target if q < 0 else
-                                                                 target[:q]),
-                                      b"" if q < 0 else target[q + 1:], self.copy_status,
+        if copy is not None and client.learning is not None and self.relay.learn is not None:
+            route, query = client.learning
+            self.relay.loop.call_soon(self.relay.learn, route, query, self.copy_status,
                                       bytes(copy))
         client.answer_complete(self, self.alive)
 
@@ -733,7 +735,8 @@ class ClientConn(asyncio.Protocol):
         self.body_left = 0
         self.decoder: ChunkedDecoder | None = None
         self.chunked_body = bytearray()  # a chunked request body, read whole before it goes
-        self.learning = False  # the request in flight is to a route that learns its answer
+        # (route, raw query) of the request in flight when its answer is to be learnt from
+        self.learning: tuple[bytes, bytes] | None = None
         self.body_done = True
         self.answer_started = False
         self.close_after = False
@@ -846,7 +849,7 @@ class ClientConn(asyncio.Protocol):
         if end < 0:
             if data is not self.buf:
                 self.buf += data
-            if data.count(b"\n") != data.count(b"\r\n"):
+            if has_bare_lf(data):
                 self._reject(BARE_LF)  # its end (CRLF CRLF) will never come
             elif len(data) > MAX_HEAD:
                 self.handover()
@@ -896,9 +899,9 @@ class ClientConn(asyncio.Protocol):
         target = req.target
         q = target.find(b"?")
         route = route_of(target if q < 0 else target[:q])
-        self.learning = route in relay.learn_routes
-        refusal = None if relay.guard is None else relay.guard(
-            req.method, route, b"" if q < 0 else target[q + 1:])
+        query = b"" if q < 0 else target[q + 1:]
+        self.learning = (route, query) if route in relay.learn_routes else None
+        refusal = None if relay.guard is None else relay.guard(req.method, route, query)
         if refusal is None:
             return False
         if req.chunked or req.body_length:
@@ -921,7 +924,7 @@ class ClientConn(asyncio.Protocol):
         else:
             self.pending = None
             self.up = up
-            up.begin(self, self.req.method == b"HEAD", self.learning)
+            up.begin(self, self.req.method == b"HEAD")
             up.transport.write(data)
 
     def _reject(self, reject: Reject) -> None:
@@ -1048,7 +1051,7 @@ class ClientConn(asyncio.Protocol):
             return
         pending, self.pending = self.pending, None
         self.up = up
-        up.begin(self, self.req is not None and self.req.method == b"HEAD", self.learning)
+        up.begin(self, self.req is not None and self.req.method == b"HEAD")
         up.transport.write(b"".join(pending))
         if self.paused & PAUSE_BUFFER and len(self.buf) <= BUFFER_HIGH:
             self.resume(PAUSE_BUFFER)
@@ -1088,7 +1091,7 @@ class ClientConn(asyncio.Protocol):
                 self.relay.connect(self, self.seq)
             else:
                 self.up = nxt
-                nxt.begin(self, req.method == b"HEAD", self.learning)
+                nxt.begin(self, req.method == b"HEAD")
                 nxt.transport.write(req.head)
             return
         self._error(502, CLOSED_WITHOUT_ANSWER)
