@@ -43,7 +43,8 @@ from .clock import Clock
 from .config import AuthConfig
 from .journal import Journal, JournalError
 from .outcome import LICENSE_ERROR, OutcomeKind
-from .upstream import SendResult, Upstream, read_capped
+from .sendclient import SendResult
+from .upstream import Upstream, read_capped
 
 log = logging.getLogger(__name__)
 

@@ -39,6 +39,7 @@ from .proxy import VERDICT_ROUTES, Proxy, framing_guard
 from .recovery import Recovery
 from .relay import LocalRoutes, Relay, RelaySite
 from .replay import Lane, Replayer, next_delay_s
+from .sendclient import SendResult
 from .sessions import RestartSignal, RestartWitness, Sessions, SessionState
 from .sources import Batch, Found, Intake, Source
 from .sources.command import CommandSource
@@ -48,7 +49,7 @@ from .sources.journald import stream_name as journald_stream
 from .sources.stdin import StdinSource
 from .stats import Stats, overall
 from .systemd import Notifier, NullNotifier, status_line
-from .upstream import SendResult, Upstream
+from .upstream import Upstream
 
 if TYPE_CHECKING:  # imported when process.enabled (psutil is not needed otherwise)
     from .procwatch import ProcessWatcher, ProcInfo

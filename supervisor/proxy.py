@@ -29,15 +29,14 @@ from . import validation
 from .auth import Authenticator
 from .clock import Clock
 from .config import Config, GuardedRoute
+from .http1 import Reject
 from .journal import IdempotencyKey, Journal, JournalError, KeyInUse, MessageState, NewMessage
 from .outcome import OutcomeKind
-from .relay import Reject
 from .replay import Item, Lane, Replayer
+from .sendclient import CLOSED_WITHOUT_ANSWER, SendResult
 from .sessions import GateAction, SessionState
 from .upstream import (
-    CLOSED_WITHOUT_ANSWER,
     RETRYABLE_METHODS,
-    SendResult,
     Upstream,
     forwardable,
     no_answer_within,

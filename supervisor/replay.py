@@ -33,8 +33,8 @@ from .journal import (
     Progress,
 )
 from .outcome import Outcome, OutcomeKind
+from .sendclient import SendResult
 from .sessions import GateAction, Sessions, SessionState
-from .upstream import SendResult
 
 log = logging.getLogger(__name__)
 

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config import UpstreamConfig
+from .http1 import HOP_BY_HOP
 from .outcome import Outcome, OutcomeKind, classify
-
-MAX_ANSWER_BYTES = 16 * 1024 * 1024  # api-blast's answers are small; this bounds a bad one
-
-# RFC 9110 §7.6.1 connection-specific headers, never forwarded by a proxy.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-    "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
-})
+from .sendclient import MAX_ANSWER_BYTES, SendClient, SendResult
 
 # Pass-through, whether relayed or through aiohttp: the methods sent again once on a fresh
 # connection when a pooled one turned out closed before any answer (only without a body:
 # nothing with side effects is ever sent twice), and the errors when api-blast gives none.
 RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-CLOSED_WITHOUT_ANSWER = "api-blast closed the connection without answering"
 
 
 def unreachable(url: str, detail: object) -> str:
@@ -34,16 +25,6 @@ def unreachable(url: str, detail: object) -> str:
 def no_answer_within(timeout_s: float) -> str:
     """The error of a pass-through request api-blast did not answer in time."""
     return f"api-blast did not answer within {timeout_s:g} s"
-
-
-@dataclass(frozen=True, slots=True)
-class SendResult:
-    """One attempt: how it ended, and api-blast's answer when there was one."""
-
-    outcome: Outcome
-    status: int = 0
-    headers: CIMultiDictProxy[str] | None = None
-    body: bytes = b""
 
 
 class Upstream:
@@ -63,8 +44,15 @@ class Upstream:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 
+        url = URL(cfg.url)
+        # Journaled sends go over the lean client (a protocol per pooled connection, no
+        # per-request objects beyond the answer) when api-blast is a plain http:// URL.
+        self._sends = SendClient(url, cfg) if SendClient.takes(url) else None
+
     async def close(self) -> None:
         """Close the client session and its pooled connections."""
+        if self._sends is not None:
+            self._sends.close()
         await self.session.close()
 
     def url(self, path: str, query: str) -> URL:
@@ -78,6 +66,15 @@ class Upstream:
                    headers: tuple[tuple[str, str], ...], body: bytes,
                    timeout_s: float) -> SendResult:
         """Send one journaled request and classify the answer; never raises for network errors."""
+        if self._sends is not None:
+            return await self._sends.send(method, path, query, headers, body, timeout_s)
+        return await self._send_aiohttp(method, path, query, headers, body, timeout_s)
+
+    async def _send_aiohttp(self, method: str, path: str, query: str,
+                            headers: tuple[tuple[str, str], ...], body: bytes,
+                            timeout_s: float) -> SendResult:
+        """The send through aiohttp's client, for an upstream URL the lean client does not
+        take (https, credentials in the URL)."""
         hdrs = CIMultiDict(headers)
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.cfg.connect_timeout_s)
         try:

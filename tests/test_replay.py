@@ -14,8 +14,8 @@ from supervisor.events import ATTRIBUTION_ID, Event, EventKind
 from supervisor.journal import Journal, MessageRow, MessageState, NewMessage
 from supervisor.outcome import Outcome, OutcomeKind
 from supervisor.replay import Item, Replayer
+from supervisor.sendclient import SendResult
 from supervisor.sessions import Sessions
-from supervisor.upstream import SendResult
 
 INST = "68B2F1A0C3D4E"
 

@@ -20,8 +20,8 @@ from supervisor.events import ATTRIBUTION_ID, Event, EventKind
 from supervisor.journal import ActiveRow, Journal, MessageRow, MessageState, NewMessage, Progress
 from supervisor.outcome import Outcome, OutcomeKind
 from supervisor.replay import _COMPACT_AT, Item, ItemQueue, Lane, Replayer
+from supervisor.sendclient import SendResult
 from supervisor.sessions import Sessions
-from supervisor.upstream import SendResult
 
 INST = "68B2F1A0C3D4E"
 OTHER = "7A1B2C3D4E5F6"
