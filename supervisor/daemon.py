@@ -62,6 +62,9 @@ SUPERVISOR_STREAM = "supervisor"  # the stream of events the daemon itself obser
 TICK_S = 5.0  # the main loop's tick when no watchdog asks for a faster one
 STATUS_REFRESH_S = 10.0  # how often the STATUS= figures are read from the journal
 OUTCOME_PRUNE_S = 60.0  # how often outcomes older than monitoring.window_s are pruned
+# A log position that moved past lines giving no session change is committed within this
+# delay, not at once (one journal transaction per send dump saved under load).
+POSITION_DELAY_S = 1.0
 
 # Settings read once at startup: a reload that changes them is applied only by a restart.
 RESTART_ONLY = ("listen", "state_dir", "log_source", "upstream", "logging",
@@ -671,7 +674,8 @@ class Supervisor:
         return Intake(self.cfg.log_source, self.attributor, lambda: self.rules, self._context,
                       self._apply_found, self._commit_log, self.clock,
                       on_record=lambda rec: self.metrics.on_record(rec.text),
-                      on_record_needles=PARSE_ERROR_NEEDLES)
+                      on_record_needles=PARSE_ERROR_NEEDLES,
+                      position_delay_s=POSITION_DELAY_S)
 
     def _make_source(self) -> Source:
         src = self.cfg.log_source

@@ -179,6 +179,78 @@ async def test_run_timers_enforces_the_bound_by_itself() -> None:
     assert h.kinds() == [("ready", None, 1)]
 
 
+async def _until(cond: Any, what: str) -> None:
+    for _ in range(200):  # bounded: a few turns of the event loop
+        if cond():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def test_a_position_that_only_moves_is_committed_after_its_delay() -> None:
+    """Lines that give nothing (a send dump per message under load) do not cost a commit
+    each: the latest mark is committed once, when the delay is over."""
+    clock = FakeClock()
+    h = Harness(clock)
+    h.intake.position_delay_s = 1.0
+    timers = asyncio.create_task(h.intake.run_timers())
+    try:
+        await h.intake(_batch(["Total sessions:  1"], 1))
+        await h.intake(_batch(["Total sessions:  2"], 2))
+        assert h.commits == []
+        await _until(lambda: clock.waiting, "the timer loop waits")
+        clock.advance(0.9)
+        await asyncio.sleep(0)
+        assert h.commits == []
+        clock.advance(0.2)
+        await _until(lambda: h.commits, "the held position is committed")
+        assert h.commits == [("s", _pos(200), set(), [])]
+        assert h.intake.stats.commits == 1
+    finally:
+        h.intake.request_stop()
+        await asyncio.wait_for(timers, 5)
+    assert len(h.commits) == 1  # nothing left to commit at the stop
+
+
+async def test_a_change_is_committed_at_once_and_takes_the_held_position_with_it() -> None:
+    clock = FakeClock()
+    h = Harness(clock)
+    h.intake.position_delay_s = 1.0
+    dump = STOCK[12:36]  # the 440 dump
+    await h.intake(_batch(["Total sessions:  1"], 1))
+    assert h.commits == []
+    await h.intake(_batch(dump, 2))
+    assert [(c[1], c[2]) for c in h.commits] == [(_pos(100 * 25), {INSTANCE})]
+    await h.intake.flush_positions()
+    assert len(h.commits) == 1  # the held mark was older: nothing more to commit
+
+
+async def test_the_stop_commits_a_held_position() -> None:
+    clock = FakeClock()
+    h = Harness(clock)
+    h.intake.position_delay_s = 60.0
+    timers = asyncio.create_task(h.intake.run_timers())
+    await h.intake(_batch(["Total sessions:  1"], 1))
+    assert h.commits == []
+    h.intake.request_stop()
+    await asyncio.wait_for(timers, 5)
+    assert h.commits == [("s", _pos(100), set(), [])]
+    await h.intake(_batch(["Total sessions:  2"], 2))  # read after the stop: at once
+    assert h.commits[-1] == ("s", _pos(200), set(), [])
+
+
+async def test_a_held_position_that_fails_to_commit_is_tried_again() -> None:
+    h = Harness()
+    h.intake.position_delay_s = 1.0
+    await h.intake(_batch(["Total sessions:  1"], 1))
+    h.fail_commits = True
+    await h.intake.flush_positions()
+    assert h.commits == [] and h.intake.stats.commit_failures == 1
+    h.fail_commits = False
+    await h.intake.flush_positions()
+    assert h.commits == [("s", _pos(100), set(), [])]
+
+
 async def test_idle_ends_an_error_with_frames_only_at_once() -> None:
     """When the source says it has nothing more, a frames-only error does not wait."""
     h = Harness()

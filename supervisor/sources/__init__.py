@@ -130,7 +130,7 @@ class Intake:
                  on_record: Callable[[Record], None] | None = None,
                  on_unattributed: Apply | None = None,
                  on_record_needles: Sequence[str] | None = None,
-                 fast_path: bool = True) -> None:
+                 fast_path: bool = True, position_delay_s: float = 0.0) -> None:
         self.cfg = cfg
         self.rules = rules
         self.attributor = attributor
@@ -161,6 +161,15 @@ class Intake:
         # Applied in memory but not stored yet (a commit failed): stored with the next one.
         self._unstored_changed: set[str] = set()
         self._unstored_found: list[Found] = []
+        # A batch that changes nothing but the position is not committed at once: its mark
+        # waits here (the latest per stream) for at most ``position_delay_s``, for the next
+        # commit of a change (which carries a later mark), or for the stop. A busy api-blast
+        # prints a send dump per message; committing each one's position alone would cost a
+        # journal transaction per send. A crash loses at most that delay of lines that gave
+        # nothing, and reading them again gives nothing again.
+        self.position_delay_s = position_delay_s
+        self._deferred: dict[str, Mark] = {}
+        self._flush_at: float | None = None
 
     def _stream(self, name: str) -> _Stream:
         st = self._streams.get(name)
@@ -332,6 +341,15 @@ class Intake:
             self._pass_over(st, stream, quiet)
         if self._commit is None or (mark is None and not found and not self._unstored_found):
             return None
+        if self.position_delay_s > 0 and not self._stopping and not found and not changed \
+                and not self._unstored_found and not self._unstored_changed:
+            assert mark is not None
+            self._deferred[stream] = mark
+            if self._flush_at is None:
+                self._flush_at = self._clock.monotonic() + self.position_delay_s
+                self._changed.set()
+            return None
+        self._deferred.pop(stream, None)  # this commit's mark is later
         # Session changes of a batch whose commit failed ride along with this one: the
         # position only moves forward together with every change read before it.
         changed |= self._unstored_changed
@@ -359,6 +377,23 @@ class Intake:
                     mark = st.end_mark if st.assembler.pending_line is None else None
                     await self._handle(name, records, mark, now)
 
+    async def flush_positions(self) -> None:
+        """Commit the positions held back (see ``position_delay_s``)."""
+        async with self._lock:
+            self._flush_at = None
+            for stream, mark in list(self._deferred.items()):
+                assert self._commit is not None
+                try:
+                    await self._commit(stream, mark, set(), [])
+                except Exception as exc:  # kept, tried again at the next commit or flush
+                    self.stats.commit_failures += 1
+                    log.error("could not store the log position of %s: %s", stream,
+                              getattr(exc, "cause", exc))
+                    continue
+                self.stats.commits += 1
+                if self._deferred.get(stream) is mark:
+                    del self._deferred[stream]
+
     def next_deadline(self) -> float | None:
         """The earliest time an unfinished record is given up, if any is held."""
         deadlines = [d for st in self._streams.values()
@@ -366,15 +401,22 @@ class Intake:
         return min(deadlines) if deadlines else None
 
     async def run_timers(self) -> None:
-        """Enforce ``record_timeout_s`` until :meth:`request_stop`: a record never waits
-        forever for its end."""
+        """Enforce ``record_timeout_s`` until :meth:`request_stop` (a record never waits
+        forever for its end) and commit the positions held back when their delay is over;
+        at the stop, the positions still held back are committed."""
         while not self._stopping:
             self._changed.clear()
             deadline = self.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - self._clock.monotonic())
+            flush_at = self._flush_at
+            due = min((t for t in (deadline, flush_at) if t is not None), default=None)
+            timeout = None if due is None else max(0.0, due - self._clock.monotonic())
             await self._clock.wait(self._changed, timeout)
-            if deadline is not None and self._clock.monotonic() >= deadline:
+            now = self._clock.monotonic()
+            if flush_at is not None and now >= flush_at:
+                await self.flush_positions()
+            if deadline is not None and now >= deadline:
                 await self.expire()
+        await self.flush_positions()
 
     def request_stop(self) -> None:
         """End :meth:`run_timers`."""
