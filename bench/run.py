@@ -66,9 +66,12 @@ from supervisor import events
 from supervisor.attribution import Attributor
 from supervisor.clock import SystemClock
 from supervisor.config import LogSourceConfig
-from supervisor.journal import Journal, MessageState, NewMessage, connect
+from supervisor.journal import Journal
+from supervisor.journal.schema import connect
 from supervisor.records import LineSplitter
-from supervisor.sources import Batch, Intake
+from supervisor.rows import MessageState, NewMessage
+from supervisor.sources import Batch
+from supervisor.sources.intake import Intake
 
 BODY = b"chat_id=6281234567890%40c.us&caption=Halo%2C+pesanan+Anda+sudah+dikirim."
 FIXTURES = harness.REPO / "tests" / "fixtures"

@@ -26,9 +26,10 @@ from aiohttp import web
 from .api import message_view
 from .clock import Clock
 from .config import Config
-from .journal import AdminChange, Journal, JournalError, MessageState
+from .journal import Journal, JournalError
 from .proxy import json_error
 from .replay import Item, Replayer
+from .rows import AdminChange, MessageState
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,11 @@ from .health import (
     recommend_global,
     worst,
 )
-from .journal import Journal, JournalError, MessageRow, MessageState
+from .journal import Journal, JournalError
 from .metrics import InstanceSample, Metrics
 from .proxy import json_error
 from .replay import Lane, Replayer
+from .rows import MessageRow, MessageState
 from .sessions import Session, Sessions
 from .stats import DepthHistory, InstanceStats, Outcomes, Stats, overall
 

@@ -25,25 +25,19 @@ from .auth import Authenticator, load_key
 from .clock import Clock, SystemClock
 from .config import Config, ConfigError, validate
 from .housekeeping import Housekeeper
-from .journal import (
-    EventRecord,
-    Journal,
-    JournalError,
-    MessageRow,
-    MessageState,
-    Progress,
-    TailPosition,
-)
+from .journal import Journal, JournalError
 from .metrics import PARSE_ERROR_NEEDLES, Metrics
 from .proxy import VERDICT_ROUTES, Proxy, framing_guard
 from .recovery import Recovery
 from .relay import LocalRoutes, Relay, RelaySite
 from .replay import Lane, Replayer, next_delay_s
+from .rows import EventRecord, MessageRow, MessageState, Progress, TailPosition
 from .sendclient import SendResult
 from .sessions import RestartSignal, RestartWitness, Sessions, SessionState
-from .sources import Batch, Found, Intake, Source
+from .sources import Batch, Source
 from .sources.command import CommandSource
 from .sources.file import FileSource
+from .sources.intake import Found, Intake
 from .sources.journald import JournaldSource
 from .sources.journald import stream_name as journald_stream
 from .sources.stdin import StdinSource

@@ -1,5 +1,5 @@
 """The parser for people: ``parse-line`` (offline, like ``fail2ban-regex``) and ``monitor``
-(live, in a pipe). Both run the daemon's own :class:`~supervisor.sources.Intake` — the same
+(live, in a pipe). Both run the daemon's own :class:`~supervisor.sources.intake.Intake` — the same
 prefix stripping, record assembly, rules and attribution — without a journal or a proxy.
 
 ``parse-line`` reads the whole input without time bounds (a record ends by its text or at the
@@ -27,7 +27,8 @@ from .config import Config
 from .records import LineSplitter
 from .replay import next_delay_s
 from .sessions import Sessions
-from .sources import Batch, Found, Intake
+from .sources import Batch
+from .sources.intake import Found, Intake
 from .sources.stdin import StdinSource
 
 STREAM = "stdin"

@@ -30,9 +30,10 @@ from .auth import Authenticator
 from .clock import Clock
 from .config import Config, GuardedRoute
 from .http1 import Reject
-from .journal import IdempotencyKey, Journal, JournalError, KeyInUse, MessageState, NewMessage
+from .journal import Journal, JournalError, KeyInUse
 from .outcome import OutcomeKind
 from .replay import Item, Lane, Replayer
+from .rows import IdempotencyKey, MessageState, NewMessage
 from .sendclient import CLOSED_WITHOUT_ANSWER, SendResult
 from .sessions import GateAction, SessionState
 from .upstream import (

@@ -22,17 +22,9 @@ from typing import overload
 
 from .clock import Clock
 from .config import QueueConfig
-from .journal import (
-    STATE_ORDER,
-    ActiveColumns,
-    ActiveRow,
-    Journal,
-    JournalError,
-    MessageRow,
-    MessageState,
-    Progress,
-)
+from .journal import Journal, JournalError
 from .outcome import Outcome, OutcomeKind
+from .rows import STATE_ORDER, ActiveColumns, ActiveRow, MessageRow, MessageState, Progress
 from .sendclient import SendResult
 from .sessions import GateAction, Sessions, SessionState
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from .config import SessionConfig
 from .events import ATTRIBUTION_ID, Event, EventKind
-from .journal import SessionRecord
+from .rows import SessionRecord
 
 
 class SessionState(StrEnum):

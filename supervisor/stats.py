@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .clock import Clock
-from .journal import Journal, OutcomeRow
+from .journal import Journal
+from .rows import OutcomeRow
 
 PRUNE_MARGIN_S = 60.0  # outcomes are kept this long past the window before they are pruned
 

@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 from supervisor import events
 from supervisor.attribution import Attributor
 from supervisor.config import LogSourceConfig
-from supervisor.journal import TailPosition
 from supervisor.records import (
     PM2_TIME_PREFIX,
     Assembler,
@@ -32,7 +31,9 @@ from supervisor.records import (
     Record,
     strip_prefix,
 )
-from supervisor.sources import Batch, Found, Intake
+from supervisor.rows import TailPosition
+from supervisor.sources import Batch
+from supervisor.sources.intake import Found, Intake
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_FILES = sorted([*FIXTURES.glob("*.log"), *FIXTURES.glob("*.jsonl")])

@@ -17,8 +17,9 @@ import pytest
 from conftest import FIXTURES
 
 from supervisor import events
-from supervisor.journal import ActiveRow, Journal, MessageState, NewMessage, Progress
+from supervisor.journal import Journal
 from supervisor.records import Assembler, LineSplitter, _depth_change, strip_prefix
+from supervisor.rows import ActiveRow, MessageState, NewMessage, Progress
 
 LOGS = ("apiblast_stock_console.log", "apiblast_variant_console.log",
         "baileys_pino_v6_v7.jsonl", "readme_style_console.log", "real_apiblast_capture.log")

@@ -27,8 +27,8 @@ from yarl import URL
 
 from supervisor.config import parse_config
 from supervisor.daemon import Supervisor
-from supervisor.journal import MessageRow
 from supervisor.logformat import formatter_for
+from supervisor.rows import MessageRow
 from supervisor.simulator import SimInstance, Simulator, build_app
 
 OTHER = "68B2F3C55B019"

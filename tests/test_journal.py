@@ -12,19 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import journal as journal_module
-from supervisor.journal import (
-    _SCHEMA_VERSION,
-    JOURNAL_FILE,
-    IdempotencyKey,
-    Journal,
-    JournalError,
-    KeyInUse,
-    MessageState,
-    NewMessage,
-    Progress,
-    TailPosition,
-)
+from supervisor.journal import JOURNAL_FILE, Journal, JournalError, KeyInUse, schema, store
+from supervisor.journal.schema import _SCHEMA_VERSION
+from supervisor.rows import IdempotencyKey, MessageState, NewMessage, Progress, TailPosition
 
 ID = "68B2F1A0C3D4E"
 M = MessageState
@@ -387,7 +377,8 @@ async def test_locked_journal_fails_writes_and_recovers(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """While another process holds the write lock, writes fail after the busy timeout with a
     fault naming the lock; once it is released they succeed again."""
-    monkeypatch.setattr(journal_module, "BUSY_TIMEOUT_MS", 200)
+    monkeypatch.setattr(schema, "BUSY_TIMEOUT_MS", 200)
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 200)
     j = await Journal.open(tmp_path)
     other = sqlite3.connect(j.path, isolation_level=None)
     try:

@@ -18,7 +18,8 @@ from conftest import (
 )
 from sending import SEND_PATH, acked_id, form, listing, message, send, sim_sent, wait_delivered
 
-from supervisor.journal import _SCHEMA_VERSION, JOURNAL_FILE
+from supervisor.journal import JOURNAL_FILE
+from supervisor.journal.schema import _SCHEMA_VERSION
 
 # The schema exactly as version 1 wrote it (a frozen copy: the release's own file format).
 V1_SCHEMA = (

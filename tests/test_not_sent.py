@@ -18,9 +18,10 @@ from fakes import FakeClock, settle_lanes
 
 from supervisor.config import QueueConfig, SessionConfig
 from supervisor.events import ATTRIBUTION_ID, Event, EventKind
-from supervisor.journal import Journal, MessageRow, MessageState, NewMessage, Progress
+from supervisor.journal import Journal
 from supervisor.outcome import Outcome, OutcomeKind
 from supervisor.replay import Item, Replayer
+from supervisor.rows import MessageRow, MessageState, NewMessage, Progress
 from supervisor.sendclient import SendResult
 from supervisor.sessions import Sessions, SessionState
 

@@ -11,9 +11,10 @@ from fakes import FakeClock
 
 from supervisor.config import QueueConfig, SessionConfig
 from supervisor.events import ATTRIBUTION_ID, Event, EventKind
-from supervisor.journal import Journal, MessageRow, MessageState, NewMessage
+from supervisor.journal import Journal
 from supervisor.outcome import Outcome, OutcomeKind
 from supervisor.replay import Item, Replayer
+from supervisor.rows import MessageRow, MessageState, NewMessage
 from supervisor.sendclient import SendResult
 from supervisor.sessions import Sessions
 

@@ -17,9 +17,10 @@ from fakes import FakeClock, settle_lanes
 from supervisor.api import lane_depths
 from supervisor.config import QueueConfig, SessionConfig
 from supervisor.events import ATTRIBUTION_ID, Event, EventKind
-from supervisor.journal import ActiveRow, Journal, MessageRow, MessageState, NewMessage, Progress
+from supervisor.journal import Journal
 from supervisor.outcome import Outcome, OutcomeKind
 from supervisor.replay import _COMPACT_AT, Item, ItemQueue, Lane, Replayer
+from supervisor.rows import ActiveRow, MessageRow, MessageState, NewMessage, Progress
 from supervisor.sendclient import SendResult
 from supervisor.sessions import Sessions
 

@@ -9,9 +9,10 @@ import pytest
 from fakes import FakeClock
 
 from supervisor.config import QueueConfig, SessionConfig
-from supervisor.journal import Journal, MessageState
+from supervisor.journal import Journal
 from supervisor.outcome import Outcome, OutcomeKind
 from supervisor.replay import Item, Lane, Replayer, next_delay_s
+from supervisor.rows import MessageState
 from supervisor.sessions import Sessions
 
 OK = OutcomeKind

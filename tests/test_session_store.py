@@ -16,7 +16,8 @@ from conftest import INSTANCE, Child, free_port, http, start_supervisor, supervi
 from supervisor import journal as journal_mod
 from supervisor.config import SessionConfig
 from supervisor.events import ATTRIBUTION_ID, Event, EventKind
-from supervisor.journal import EventRecord, Journal, JournalError, SessionRecord, TailPosition
+from supervisor.journal import Journal, JournalError
+from supervisor.rows import EventRecord, SessionRecord, TailPosition
 from supervisor.sessions import Sessions, SessionState
 
 B = "68B2F3C55B019"

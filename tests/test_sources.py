@@ -39,10 +39,11 @@ from fakes import FakeClock
 from supervisor import events
 from supervisor.attribution import Attributor
 from supervisor.config import ConfigError, LogSourceConfig, parse_config
-from supervisor.journal import TailPosition
-from supervisor.sources import Batch, Found, Intake
+from supervisor.rows import TailPosition
+from supervisor.sources import Batch
 from supervisor.sources.command import CommandSource, next_restart_delay_s
 from supervisor.sources.file import FileSource
+from supervisor.sources.intake import Found, Intake
 from supervisor.sources.journald import (
     JournaldSource,
     cursor_path,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fakes import FakeClock
 
-from supervisor import journal as journal_mod
-from supervisor.journal import JOURNAL_FILE, Journal, MessageState, NewMessage, Progress
+from supervisor.journal import JOURNAL_FILE, Journal, schema
+from supervisor.rows import MessageState, NewMessage, Progress
 from supervisor.stats import (
     PRUNE_MARGIN_S,
     DepthHistory,
@@ -170,7 +170,7 @@ async def test_an_older_journal_is_migrated_with_its_outcomes(tmp_path: Path) ->
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
     conn.execute("INSERT INTO schema_version VALUES (1)")
-    for statement in journal_mod._MIGRATIONS[1]:
+    for statement in schema._MIGRATIONS[1]:
         conn.execute(statement)
     rows = [("m1", "delivered", 1, 100.0), ("m2", "delivered", 2, 110.0),
             ("m3", "dead", 3, 120.0), ("m4", "queued", 0, None)]

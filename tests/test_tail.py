@@ -1,4 +1,5 @@
-"""Tests of ``supervisor.tail``: file identity, rotations (rename, copytruncate, while stopped).
+"""Tests of ``supervisor.sources.tail``: file identity, rotations (rename, copytruncate, while
+stopped).
 
 The pure decisions are table-tested; :class:`FileTail` is driven pass by pass
 (``start`` / ``read_once``) on real files, and once through ``run`` with real file watching.
@@ -18,9 +19,9 @@ from pathlib import Path
 import pytest
 from fakes import FakeClock
 
-from supervisor.journal import TailPosition
+from supervisor.rows import TailPosition
 from supervisor.sources import Batch
-from supervisor.tail import (
+from supervisor.sources.tail import (
     HEAD_BYTES,
     FileInfo,
     FileTail,
@@ -253,7 +254,7 @@ async def test_a_different_file_at_the_path_is_not_resumed(tmp_path: Path,
     log.unlink()
     _write(log, "fresh 1", "fresh 2")
     again = _tail(log, rec, start_at="end")
-    with caplog.at_level(logging.WARNING, "supervisor.tail"):
+    with caplog.at_level(logging.WARNING, "supervisor.sources.tail"):
         await again.start(rec)
     await again.read_once()
     assert not again.resumed
@@ -339,7 +340,7 @@ async def test_truncation_without_a_copy_warns(tmp_path: Path,
     await tail.start(rec)
     await tail.read_once()
     log.write_text("new 1\n")
-    with caplog.at_level(logging.WARNING, "supervisor.tail"):
+    with caplog.at_level(logging.WARNING, "supervisor.sources.tail"):
         await tail.read_once()
     assert rec.all_lines() == [*_nums(1, 5), "new 1"]
     assert "no copy of it was found" in caplog.text

@@ -1,8 +1,9 @@
 """``log_source.type: file``: one file, or several files and globs (pm2's out and error files).
 
 Each file is its own stream (its own records, its own stored position), followed by a
-:class:`~supervisor.tail.FileTail`. Globs are looked at again every ``poll_interval_s``: a file
-that appears later (pm2 creates ``-error.log`` on the first error) is read from its start.
+:class:`~supervisor.sources.tail.FileTail`. Globs are looked at again every
+``poll_interval_s``: a file that appears later (pm2 creates ``-error.log`` on the first
+error) is read from its start.
 Rotated copies (``app.log.1``, ``app-out__2025-07-23_05-41-01.log``) never match a glob: the
 tail of the live file reads them when it needs to. pm2 cluster-mode per-process files
 (``app-out-0.log``) are warned about: several api-blast processes on the same sessions take
@@ -19,9 +20,9 @@ from collections.abc import Awaitable, Callable
 
 from ..clock import Clock, SystemClock
 from ..config import LogSourceConfig
-from ..journal import TailPosition
-from ..tail import FileTail, looks_rotated, pm2_cluster_files
+from ..rows import TailPosition
 from . import Sink
+from .tail import FileTail, looks_rotated, pm2_cluster_files
 
 log = logging.getLogger(__name__)
 

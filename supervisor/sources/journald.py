@@ -26,8 +26,8 @@ from typing import Any
 
 from ..clock import Clock, SystemClock
 from ..config import LogSourceConfig
-from ..journal import TailPosition
 from ..records import LineSplitter
+from ..rows import TailPosition
 from . import PIPE_CHUNK, Batch, Sink
 
 log = logging.getLogger(__name__)

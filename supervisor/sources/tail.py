@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, overload
 
-from .clock import Clock, SystemClock
-from .journal import TailPosition
-from .records import MAX_LINE_BYTES, LineSplitter
-from .sources import Batch, Sink
+from ..clock import Clock, SystemClock
+from ..records import MAX_LINE_BYTES, LineSplitter
+from ..rows import TailPosition
+from . import Batch, Sink
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,563 @@
+"""The journal: every guarded send, durably, in SQLite.
+
+``state_dir/journal.sqlite3``, WAL, ``synchronous=FULL``: a committed row survives a power cut.
+A client is answered only after its row is committed. This package is the only place with SQL:
+
+* :mod:`.schema`: the tables and their migrations, the connection settings;
+* :mod:`.store`: the writer thread with group commit, storage faults and their probe;
+* here, :class:`Journal`: the queries, grouped by table (messages, idempotency keys, log
+  positions and sessions, admin changes, token verdicts, retention and outcome figures).
+
+The row types are :mod:`supervisor.rows`'.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import logging
+import sqlite3
+import sys
+from array import array
+from collections.abc import Sequence
+from typing import Any
+
+from ..rows import (
+    STATE_ORDER,
+    ActiveColumns,
+    ActiveRow,
+    AdminChange,
+    EventRecord,
+    IdempotencyKey,
+    MessageRow,
+    MessageState,
+    NewMessage,
+    OutcomeRow,
+    Progress,
+    SessionRecord,
+    StoredKey,
+    TailPosition,
+    ascending,
+)
+from .errors import JournalError, KeyInUse
+from .store import JOURNAL_FILE, Store
+
+__all__ = ["JOURNAL_FILE", "Journal", "JournalError", "KeyInUse"]
+
+log = logging.getLogger(__name__)
+
+PRUNE_BATCH = 5000  # rows deleted per transaction when pruning
+EVENTS_KEPT = 10_000  # session_events rows kept (the oldest are deleted beyond this)
+_COLUMNS = (
+    "seq, id, instance_id, method, path, query, headers, body, state, attempts, failures, "
+    "unknown_count, next_attempt_at, last_error, created_at, updated_at, delivered_at, "
+    "message_key_id, history"
+)
+HISTORY_KEPT = 50  # entries of a message's attempt history kept (the oldest go first)
+
+
+def _row(r: Sequence[Any]) -> MessageRow:
+    return MessageRow(
+        seq=r[0], id=r[1], instance_id=r[2], method=r[3], path=r[4], query=r[5],
+        headers=tuple((str(k), str(v)) for k, v in json.loads(r[6])), body=bytes(r[7]),
+        state=MessageState(r[8]), attempts=r[9], failures=r[10], unknown_count=r[11],
+        next_attempt_at=r[12], last_error=r[13], created_at=r[14], updated_at=r[15],
+        delivered_at=r[16], message_key_id=r[17], history=r[18],
+    )
+
+
+def _save_position(conn: sqlite3.Connection, source: str, pos: TailPosition,
+                   now: float) -> None:
+    conn.execute(
+        "INSERT INTO tail_positions (source, device, inode, head_hash, offset, cursor, "
+        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(source) DO UPDATE SET "
+        "device = excluded.device, inode = excluded.inode, head_hash = excluded.head_hash, "
+        "offset = excluded.offset, cursor = excluded.cursor, updated_at = excluded.updated_at",
+        (source, pos.device, pos.inode, pos.head_hash, pos.offset, pos.cursor, now))
+
+
+class Journal(Store):
+    """The journal's queries over :class:`Store`'s writer thread (see the package's
+    docstring); :meth:`Store.open` opens one."""
+
+    # ------------------------------------------------------------------ operations
+
+    async def insert(self, msg: NewMessage, state: MessageState, now: float,
+                     key: IdempotencyKey | None = None, keys_after: float = 0.0) -> int:
+        """Store a new send; returns its sequence number (arrival order).
+
+        With ``key``, the ``Idempotency-Key`` is stored in the same transaction; a live key
+        (created after ``keys_after``) already there raises :class:`KeyInUse` and stores
+        nothing. Over :attr:`max_bytes` raises a :class:`JournalError` fault.
+        """
+        headers = json.dumps(list(msg.headers))
+
+        def op(conn: sqlite3.Connection) -> int:
+            self._check_room(conn, len(msg.body) + len(msg.query) + 512)
+            if key is not None:
+                conn.execute("DELETE FROM idempotency_keys WHERE instance_id = ? AND key = ? "
+                             "AND created_at <= ?", (msg.instance_id, key.key, keys_after))
+                if conn.execute("SELECT 1 FROM idempotency_keys WHERE instance_id = ? "
+                                "AND key = ?", (msg.instance_id, key.key)).fetchone():
+                    raise KeyInUse("this Idempotency-Key was stored by another request "
+                                   "meanwhile; retry to get its answer")
+            cur = conn.execute(
+                "INSERT INTO messages (id, instance_id, method, path, query, headers, body, "
+                "state, next_attempt_at, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (msg.id, msg.instance_id, msg.method, msg.path, msg.query, headers, msg.body,
+                 state.value, now, now, now),
+            )
+            if key is not None:
+                conn.execute("INSERT INTO idempotency_keys (instance_id, key, fingerprint, "
+                             "message_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                             (msg.instance_id, key.key, key.fingerprint, msg.id, now))
+            return int(cur.lastrowid or 0)
+
+        return await self.call(op)
+
+    async def find_key(self, instance_id: str, key: str, keys_after: float) -> StoredKey | None:
+        """The live ``Idempotency-Key`` ``key`` of ``instance_id`` (created after
+        ``keys_after``), if any."""
+        def op(conn: sqlite3.Connection) -> StoredKey | None:
+            r = conn.execute(
+                "SELECT message_id, fingerprint, created_at, answer_status, "
+                "answer_content_type, answer_body FROM idempotency_keys "
+                "WHERE instance_id = ? AND key = ? AND created_at > ?",
+                (instance_id, key, keys_after)).fetchone()
+            if r is None:
+                return None
+            return StoredKey(r[0], r[1], r[2], r[3], r[4],
+                             None if r[5] is None else bytes(r[5]))
+        return await self.call(op)
+
+    async def store_answer(self, instance_id: str, key: str, status: int,
+                           content_type: str | None, body: bytes) -> None:
+        """Keep the first answer given for an ``Idempotency-Key`` (kept once stored)."""
+        await self.call(lambda c: c.execute(
+            "UPDATE idempotency_keys SET answer_status = ?, answer_content_type = ?, "
+            "answer_body = ? WHERE instance_id = ? AND key = ? AND answer_status IS NULL",
+            (status, content_type, body, instance_id, key)))
+
+    async def set_state(self, message_id: str, state: MessageState, now: float) -> None:
+        """Change only the state of a message (e.g. ``queued`` → ``sending``)."""
+        await self.call(lambda c: c.execute(
+            "UPDATE messages SET state = ?, updated_at = ? WHERE id = ?",
+            (state.value, now, message_id)))
+
+    async def record(self, message_id: str, p: Progress, now: float) -> None:
+        """Store the result of an attempt."""
+        delivered_at = now if p.state is MessageState.DELIVERED else None
+
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE messages SET state = :state, attempts = :attempts, failures = :failures, "
+                "unknown_count = :unknown, next_attempt_at = :next, last_error = :error, "
+                "message_key_id = :key, updated_at = :now, "
+                "delivered_at = COALESCE(:delivered, delivered_at), "
+                "history = CASE WHEN :note IS NULL THEN history ELSE json_insert(json_remove("
+                "COALESCE(history, '[]'), CASE WHEN json_array_length(COALESCE(history, '[]')) "
+                ">= :kept THEN '$[0]' ELSE '$[#]' END), '$[#]', json(:note)) END WHERE id = :id",
+                {"state": p.state.value, "attempts": p.attempts, "failures": p.failures,
+                 "unknown": p.unknown_count, "next": p.next_attempt_at, "error": p.last_error,
+                 "key": p.message_key_id, "now": now, "delivered": delivered_at,
+                 "note": p.note, "kept": HISTORY_KEPT, "id": message_id})
+            if p.state in (MessageState.DELIVERED, MessageState.DEAD):
+                _count_outcome(c, message_id, p.state, p.attempts, now)
+
+        await self.call(op)
+
+    async def get(self, message_id: str) -> MessageRow | None:
+        """One message by id."""
+        def op(conn: sqlite3.Connection) -> MessageRow | None:
+            r = conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE id = ?",
+                             (message_id,)).fetchone()
+            return _row(r) if r else None
+        return await self.read(op)
+
+    async def recover_in_flight(self, now: float, on_unknown: str = "retry") -> int:
+        """Mark sends that were in flight when the process died as ``unknown`` (to be sent
+        again), or ``dead`` when ``on_unknown`` is ``fail`` (api-blast may have sent them)."""
+        def op(conn: sqlite3.Connection) -> int:
+            if on_unknown != "fail":
+                return conn.execute(
+                    "UPDATE messages SET state = 'unknown', unknown_count = unknown_count + 1, "
+                    "last_error = 'the supervisor stopped while this send was in flight', "
+                    "updated_at = ? WHERE state = 'sending'", (now,)).rowcount
+            rows = conn.execute("SELECT id, attempts FROM messages WHERE state = 'sending'"
+                                ).fetchall()
+            conn.execute(
+                "UPDATE messages SET state = 'dead', unknown_count = unknown_count + 1, "
+                "last_error = ?, updated_at = ? WHERE state = 'sending'",
+                ("the supervisor stopped while this send was in flight; not retried because "
+                 "queue.on_unknown is 'fail'", now))
+            for message_id, attempts in rows:
+                _count_outcome(conn, message_id, MessageState.DEAD, attempts, now)
+            return len(rows)
+        return await self.call(op)
+
+    async def active(self) -> list[MessageRow]:
+        """Every message still to be sent, oldest first (bodies included)."""
+        def op(conn: sqlite3.Connection) -> list[MessageRow]:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE state IN ('queued', 'sending', 'unknown') "
+                "ORDER BY seq").fetchall()
+            return [_row(r) for r in rows]
+        return await self.call(op)
+
+    async def active_progress(self) -> list[ActiveRow]:
+        """Every message still to be sent, oldest first, without bodies and headers: what the
+        lanes hold at startup (a large queue is read back fast and without its bodies)."""
+        def op(conn: sqlite3.Connection) -> list[ActiveRow]:
+            rows = conn.execute(
+                "SELECT seq, id, instance_id, state, attempts, failures, unknown_count, "
+                "next_attempt_at FROM messages WHERE state IN ('queued', 'sending', 'unknown') "
+                "ORDER BY seq").fetchall()
+            return [ActiveRow(r[0], r[1], r[2], MessageState(r[3]), r[4], r[5], r[6], r[7])
+                    for r in rows]
+        return await self.call(op)
+
+    async def active_queue(self, now: float) -> dict[str, ActiveColumns]:
+        """What :meth:`active_progress` reads, per instance and column-wise (the startup load
+        of a large queue: no object per message but its id string).
+
+        One read through the partial index ``messages_active``: every active ``seq`` (as
+        hex) and ``id`` per instance, in seq order, concatenated by SQLite and split in C
+        (no Python object per seq), with the number of rows that differ from a fresh send
+        (not ``queued``, counters above zero, or ``next_attempt_at`` after ``now``); only
+        those rows are then read one by one, to patch their columns. ``delay_s`` is
+        relative to ``now``.
+        """
+        def op(conn: sqlite3.Connection) -> dict[str, ActiveColumns]:
+            out: dict[str, ActiveColumns] = {}
+            code = {s.value: i for i, s in enumerate(STATE_ORDER)}
+            differs = ("(state <> 'queued' OR attempts <> 0 OR failures <> 0 "
+                       "OR unknown_count <> 0 OR next_attempt_at > ?)")
+            for iid, n, seqs, ids, patched in conn.execute(
+                    "SELECT instance_id, count(*), group_concat(printf('%016x', seq), ''), "
+                    "group_concat(id, char(31)), "
+                    f"total({differs}) FROM messages INDEXED BY messages_active "
+                    "WHERE state IN ('queued', 'sending', 'unknown') GROUP BY instance_id",
+                    (now,)):
+                seq = array("q", bytes.fromhex(seqs))  # 16 hex digits (big-endian) each
+                if sys.byteorder == "little":
+                    seq.byteswap()
+                col = ActiveColumns.fresh(seq, ids.split("\x1f"))
+                if len(col.ids) != n or not ascending(col.seq):  # an id holding char(31)
+                    rows = conn.execute(
+                        "SELECT seq, id FROM messages WHERE instance_id = ? AND "
+                        "state IN ('queued', 'sending', 'unknown') ORDER BY seq",
+                        (iid,)).fetchall()
+                    col = ActiveColumns.fresh(array("q", (r[0] for r in rows)),
+                                              [r[1] for r in rows])
+                out[iid] = col
+                if not patched:
+                    continue
+                for row_seq, state, attempts, failures, unknown, delay in conn.execute(
+                        "SELECT seq, state, attempts, failures, unknown_count, "
+                        "max(0.0, next_attempt_at - ?) FROM messages INDEXED BY messages_active "
+                        "WHERE instance_id = ? AND state IN ('queued', 'sending', 'unknown') "
+                        f"AND {differs}", (now, iid, now)):
+                    i = bisect.bisect_left(col.seq, row_seq)
+                    col.states[i] = code[state]
+                    col.attempts[i], col.failures[i], col.unknown_count[i] = (
+                        attempts, failures, unknown)
+                    col.delay_s[i] = delay
+            return out
+        return await self.call(op)
+
+    async def list_messages(self, instance_id: str | None = None,
+                            states: Sequence[MessageState] = (), limit: int = 100
+                            ) -> list[MessageRow]:
+        """Messages filtered by instance and state, newest first."""
+        where, args = [], []
+        if instance_id is not None:
+            where.append("instance_id = ?")
+            args.append(instance_id)
+        if states:
+            where.append(f"state IN ({', '.join('?' for _ in states)})")
+            args.extend(s.value for s in states)
+        sql = f"SELECT {_COLUMNS} FROM messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(str(limit))
+
+        def op(conn: sqlite3.Connection) -> list[MessageRow]:
+            return [_row(r) for r in conn.execute(sql, args).fetchall()]
+        return await self.read(op)
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """Message counts per instance and state."""
+        def op(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {}
+            for inst, state, n in conn.execute(
+                    "SELECT instance_id, state, COUNT(*) FROM messages GROUP BY 1, 2"):
+                out.setdefault(inst, {})[state] = n
+            return out
+        return await self.call(op)
+
+    async def load_position(self, source: str) -> TailPosition | None:
+        """Where ``source`` was read up to, if known."""
+        def op(conn: sqlite3.Connection) -> TailPosition | None:
+            r = conn.execute("SELECT device, inode, head_hash, offset, cursor "
+                             "FROM tail_positions WHERE source = ?", (source,)).fetchone()
+            return TailPosition(*r) if r else None
+        return await self.call(op)
+
+    async def save_position(self, source: str, pos: TailPosition, now: float) -> None:
+        """Remember where ``source`` was read up to."""
+        await self.call(lambda c: _save_position(c, source, pos, now))
+
+    async def commit_log(self, source: str, pos: TailPosition | None,
+                         sessions: Sequence[SessionRecord], applied: Sequence[EventRecord],
+                         now: float) -> None:
+        """Store, in one transaction, the session states and the events that lines of
+        ``source`` produced, and the position after those lines (None: unchanged)."""
+        def op(conn: sqlite3.Connection) -> None:
+            if pos is not None:
+                _save_position(conn, source, pos, now)
+            conn.executemany(
+                "INSERT INTO sessions (instance_id, state, code, changed_at, hold_until, "
+                "ready_pending, guessed, probe_at, probe_failures, dropped_at, last_event, "
+                "last_event_at, conflicts, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "?, ?, ?) ON CONFLICT(instance_id) DO UPDATE SET state = excluded.state, "
+                "code = excluded.code, changed_at = excluded.changed_at, "
+                "hold_until = excluded.hold_until, ready_pending = excluded.ready_pending, "
+                "guessed = excluded.guessed, probe_at = excluded.probe_at, "
+                "probe_failures = excluded.probe_failures, dropped_at = excluded.dropped_at, "
+                "last_event = excluded.last_event, last_event_at = excluded.last_event_at, "
+                "conflicts = excluded.conflicts, updated_at = excluded.updated_at",
+                [(s.instance_id, s.state, s.code, s.changed_at, s.hold_until,
+                  int(s.ready_pending), int(s.guessed), s.probe_at, s.probe_failures,
+                  s.dropped_at, s.last_event, s.last_event_at, json.dumps(list(s.conflicts)),
+                  now) for s in sessions])
+            if applied:
+                conn.executemany(
+                    "INSERT INTO session_events (t, source, line, event, instance_id, code, "
+                    "attribution, rule) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(e.t, e.source, e.line, e.event, e.instance_id, e.code, e.attribution,
+                      e.rule) for e in applied])
+                conn.execute("DELETE FROM session_events WHERE seq <= "
+                             "(SELECT MAX(seq) FROM session_events) - ?", (EVENTS_KEPT,))
+        await self.call(op)
+
+    async def load_sessions(self) -> list[SessionRecord]:
+        """Every stored session state."""
+        def op(conn: sqlite3.Connection) -> list[SessionRecord]:
+            rows = conn.execute(
+                "SELECT instance_id, state, code, changed_at, hold_until, ready_pending, "
+                "guessed, probe_at, probe_failures, dropped_at, last_event, last_event_at, "
+                "conflicts FROM sessions ORDER BY instance_id").fetchall()
+            return [SessionRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bool(r[6]), r[7],
+                                  r[8], r[9], r[10], r[11],
+                                  tuple(float(t) for t in json.loads(r[12]))) for r in rows]
+        return await self.call(op)
+
+    async def recent_events(self, limit: int = 200) -> list[EventRecord]:
+        """The last ``limit`` session events, oldest first."""
+        def op(conn: sqlite3.Connection) -> list[EventRecord]:
+            rows = conn.execute(
+                "SELECT t, source, line, event, instance_id, code, attribution, rule "
+                "FROM session_events ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+            return [EventRecord(*r) for r in reversed(rows)]
+        return await self.call(op)
+
+    # ------------------------------------------------------------------ admin changes
+
+    async def requeue(self, message_id: str, now: float) -> AdminChange:
+        """A ``dead``, ``unknown`` or ``cancelled`` message goes back to ``queued``, due now;
+        its failures are reset, its attempts kept."""
+        return await self.call(lambda c: self._change(
+            c, message_id, (MessageState.DEAD, MessageState.UNKNOWN, MessageState.CANCELLED),
+            "UPDATE messages SET state = 'queued', failures = 0, next_attempt_at = ?, "
+            "updated_at = ? WHERE id = ?", (now, now, message_id)))
+
+    async def cancel(self, message_id: str, now: float) -> AdminChange:
+        """A ``queued`` or ``unknown`` message becomes ``cancelled``."""
+        return await self.call(lambda c: self._change(
+            c, message_id, (MessageState.QUEUED, MessageState.UNKNOWN),
+            "UPDATE messages SET state = 'cancelled', updated_at = ?, "
+            "last_error = 'cancelled by an admin call' WHERE id = ?", (now, message_id)))
+
+    @staticmethod
+    def _change(conn: sqlite3.Connection, message_id: str, allowed: tuple[MessageState, ...],
+                sql: str, args: tuple[Any, ...]) -> AdminChange:
+        r = conn.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if r is None:
+            return AdminChange(None, None)
+        before = MessageState(r[0])
+        if before not in allowed:
+            return AdminChange(before, None)
+        conn.execute(sql, args)
+        row = conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE id = ?",
+                           (message_id,)).fetchone()
+        return AdminChange(before, _row(row))
+
+    async def requeue_dead(self, instance_id: str | None, now: float) -> list[MessageRow]:
+        """Every ``dead`` message (of ``instance_id``, or all) back to ``queued``."""
+        where = "state = 'dead'" + (" AND instance_id = ?" if instance_id is not None else "")
+        args: tuple[Any, ...] = (instance_id,) if instance_id is not None else ()
+
+        def op(conn: sqlite3.Connection) -> list[MessageRow]:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE {where} ORDER BY seq",
+                                args).fetchall()
+            conn.execute(f"UPDATE messages SET state = 'queued', failures = 0, "
+                         f"next_attempt_at = ?, updated_at = ? WHERE {where}",
+                         (now, now, *args))
+            return [dataclasses.replace(_row(r), state=MessageState.QUEUED, failures=0,
+                                        next_attempt_at=now, updated_at=now) for r in rows]
+        return await self.call(op)
+
+    async def set_paused(self, instance_id: str, paused: bool, now: float) -> None:
+        """Pause (or resume) an instance's sends; kept across restarts."""
+        if paused:
+            await self.call(lambda c: c.execute(
+                "INSERT OR IGNORE INTO paused_instances (instance_id, paused_at) VALUES (?, ?)",
+                (instance_id, now)))
+        else:
+            await self.call(lambda c: c.execute(
+                "DELETE FROM paused_instances WHERE instance_id = ?", (instance_id,)))
+
+    async def paused_instances(self) -> set[str]:
+        """The instances paused by an admin call."""
+        return await self.call(lambda c: {
+            r[0] for r in c.execute("SELECT instance_id FROM paused_instances")})
+
+    # ------------------------------------------------------------------ token verdicts
+
+    async def trusted_tokens(self, verified_after: float) -> list[tuple[str, str, float]]:
+        """``(instance_id, token_hash, verified_at)`` of the pairs api-blast accepted after
+        ``verified_after``; older ones are deleted."""
+        def op(conn: sqlite3.Connection) -> list[tuple[str, str, float]]:
+            conn.execute("DELETE FROM trusted_tokens WHERE verified_at <= ?", (verified_after,))
+            return [(str(r[0]), str(r[1]), float(r[2])) for r in conn.execute(
+                "SELECT instance_id, token_hash, verified_at FROM trusted_tokens")]
+        return await self.call(op)
+
+    async def trust_token(self, instance_id: str, token_hash: str, verified_at: float) -> None:
+        """api-blast accepted this pair at ``verified_at``."""
+        await self.call(lambda c: c.execute(
+            "INSERT INTO trusted_tokens (instance_id, token_hash, verified_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (instance_id, token_hash) DO UPDATE SET verified_at = "
+            "MAX(verified_at, excluded.verified_at)", (instance_id, token_hash, verified_at)))
+
+    async def distrust_token(self, instance_id: str, token_hash: str) -> None:
+        """api-blast refused this pair: it is trusted no more."""
+        await self.call(lambda c: c.execute(
+            "DELETE FROM trusted_tokens WHERE instance_id = ? AND token_hash = ?",
+            (instance_id, token_hash)))
+
+    # ------------------------------------------------------------------ retention
+
+    async def prune(self, finished_before: float, dead_before: float | None,
+                    keys_before: float) -> tuple[int, int]:
+        """Delete finished rows (``delivered``, ``cancelled``; ``dead`` only when
+        ``dead_before`` is given) last changed before the given times, and the
+        ``Idempotency-Key`` rows created before ``keys_before`` or whose message is gone.
+        Returns (messages, keys) deleted; each call deletes at most :data:`PRUNE_BATCH` of
+        each, so that a transaction stays short: call again while it returns a full batch.
+        """
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            cur = conn.execute(
+                "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE "
+                "(state IN ('delivered', 'cancelled') AND updated_at < ?) OR "
+                "(state = 'dead' AND updated_at < ?) LIMIT ?)",
+                (finished_before, -1.0 if dead_before is None else dead_before, PRUNE_BATCH))
+            messages = cur.rowcount
+            cur = conn.execute(
+                "DELETE FROM idempotency_keys WHERE rowid IN (SELECT k.rowid FROM "
+                "idempotency_keys k LEFT JOIN messages m ON m.id = k.message_id "
+                "WHERE k.created_at < ? OR m.id IS NULL LIMIT ?)", (keys_before, PRUNE_BATCH))
+            return messages, cur.rowcount
+        return await self.call(op)
+
+    async def outcome_figures(self, since: float) -> tuple[
+            dict[str, OutcomeRow], dict[str, OutcomeRow], dict[str, int]]:
+        """Per instance: messages finished since ``since`` (to the minute: the minute holding
+        ``since`` counts whole), finished ever, and dead now."""
+        def op(conn: sqlite3.Connection) -> tuple[
+                dict[str, OutcomeRow], dict[str, OutcomeRow], dict[str, int]]:
+            window = {r[0]: OutcomeRow(r[1], r[2], r[3], r[4]) for r in conn.execute(
+                "SELECT instance_id, SUM(delivered), SUM(first_attempt), SUM(dead), "
+                "SUM(attempts) FROM outcome_minutes WHERE minute >= ? GROUP BY instance_id",
+                (_minute(since),))}
+            totals = {r[0]: OutcomeRow(r[1], r[2], r[3], r[4], r[5]) for r in conn.execute(
+                "SELECT instance_id, delivered, first_attempt, dead, attempts, since "
+                "FROM outcome_totals")}
+            dead = {r[0]: r[1] for r in conn.execute(
+                "SELECT instance_id, COUNT(*) FROM messages WHERE state = 'dead' "
+                "GROUP BY instance_id")}
+            return window, totals, dead
+        return await self.read(op)
+
+    async def prune_outcomes(self, before: float) -> int:
+        """Forget per-message outcomes and minute counts older than ``before`` (the totals
+        keep counting them); returns how many per-message rows went.
+
+        A dead message's row stays while the message exists: if an admin re-queues it and it
+        is delivered, the totals move it from dead to delivered instead of counting it twice.
+        """
+        def op(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM outcome_minutes WHERE minute < ?", (_minute(before),))
+            return conn.execute(
+                "DELETE FROM outcomes WHERE finished_at < ? AND (state = 'delivered' OR NOT "
+                "EXISTS (SELECT 1 FROM messages m WHERE m.id = outcomes.message_id))",
+                (before,)).rowcount
+        return await self.call(op)
+
+
+def _minute(t: float) -> int:
+    """The minute (epoch seconds // 60) holding ``t``."""
+    return int(t // 60)
+
+
+def _count_outcome(conn: sqlite3.Connection, message_id: str, state: MessageState,
+                   attempts: int, now: float) -> None:
+    """Count a finished message (inside the transaction that records its state).
+
+    A message finished before (dead, then re-queued by an admin) is moved, not added again:
+    out of the totals and out of the minute it finished in.
+    """
+    row = conn.execute("SELECT instance_id FROM messages WHERE id = ?", (message_id,)).fetchone()
+    if row is None:
+        return
+    instance_id = row[0]
+    conn.execute("INSERT INTO outcome_totals (instance_id, since) VALUES (?, ?) "
+                 "ON CONFLICT(instance_id) DO NOTHING", (instance_id, now))
+    old = conn.execute("SELECT state, attempts, finished_at FROM outcomes WHERE message_id = ?",
+                       (message_id,)).fetchone()
+    if old is not None:
+        _add_outcome(conn, instance_id, old[0], old[1], _minute(old[2]), -1)
+    conn.execute(
+        "INSERT INTO outcomes (message_id, instance_id, state, attempts, finished_at) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(message_id) DO UPDATE SET state = excluded.state, "
+        "attempts = excluded.attempts, finished_at = excluded.finished_at",
+        (message_id, instance_id, state.value, attempts, now))
+    _add_outcome(conn, instance_id, state.value, attempts, _minute(now), 1)
+
+
+def _add_outcome(conn: sqlite3.Connection, instance_id: str, state: str, attempts: int,
+                 minute: int, sign: int) -> None:
+    """Add (sign 1) or take back (sign -1) one outcome in the totals and its minute."""
+    delivered = sign if state == MessageState.DELIVERED.value else 0
+    values = (delivered, delivered if attempts == 1 else 0,
+              sign if state == MessageState.DEAD.value else 0, sign * attempts)
+    conn.execute(
+        "UPDATE outcome_totals SET delivered = delivered + ?, first_attempt = first_attempt + ?, "
+        "dead = dead + ?, attempts = attempts + ? WHERE instance_id = ?",
+        (*values, instance_id))
+    if sign > 0:
+        conn.execute(
+            "INSERT INTO outcome_minutes (instance_id, minute, delivered, first_attempt, dead, "
+            "attempts) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(instance_id, minute) DO UPDATE "
+            "SET delivered = delivered + excluded.delivered, "
+            "first_attempt = first_attempt + excluded.first_attempt, "
+            "dead = dead + excluded.dead, attempts = attempts + excluded.attempts",
+            (instance_id, minute, *values))
+    else:  # the minute may have been pruned already: then it is outside every window
+        conn.execute(
+            "UPDATE outcome_minutes SET delivered = delivered + ?, "
+            "first_attempt = first_attempt + ?, dead = dead + ?, attempts = attempts + ? "
+            "WHERE instance_id = ? AND minute = ?", (*values, instance_id, minute))
