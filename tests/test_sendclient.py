@@ -9,6 +9,7 @@ point hypothesis picks, through a fake transport.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -396,7 +397,7 @@ def feed(answer: bytes, cuts: list[int]) -> tuple[_Answer | None, BaseException 
         waiter: asyncio.Future[_Answer] = loop.create_future()
         conn.start(b"POST / HTTP/1.1\r\n\r\n", False, waiter)
         points = sorted({c % (len(answer) + 1) for c in cuts} | {0, len(answer)})
-        for a, b in zip(points, points[1:], strict=False):
+        for a, b in itertools.pairwise(points):
             if not waiter.done():
                 conn.data_received(answer[a:b])
         if not waiter.done():
