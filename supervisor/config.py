@@ -21,7 +21,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .records import PM2_TIME_PREFIX
+# pm2 ``--time`` (and ``log_date_format: YYYY-MM-DDTHH:mm:ss``) prefixes every line with
+# ``2025-07-23T05:41:01: ``; fractions and a zone are accepted too.
+PM2_TIME_PREFIX = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?: "
 
 
 class ConfigError(Exception):

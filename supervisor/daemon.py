@@ -26,7 +26,8 @@ from .clock import Clock, SystemClock
 from .config import Config, ConfigError, validate
 from .housekeeping import Housekeeper
 from .journal import Journal, JournalError
-from .metrics import PARSE_ERROR_NEEDLES, Metrics
+from .metrics import Metrics
+from .prefilter import PARSE_ERROR_NEEDLES
 from .proxy import VERDICT_ROUTES, Proxy, framing_guard
 from .recovery import Recovery
 from .relay import LocalRoutes, Relay, RelaySite

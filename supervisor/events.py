@@ -15,13 +15,14 @@ The disconnect code decides the event, never a message text alone: ``Stream Erro
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+
+from .prefilter import literal_needle, literal_needles
 
 
 class EventKind(StrEnum):
@@ -124,90 +125,6 @@ class Rule:
     needles: tuple[str, ...] | None = None
 
 
-def _parsed(pattern: re.Pattern[str]) -> list[tuple[Any, Any]] | None:
-    """The top-level items of ``pattern`` as the regex parser sees them; None when the
-    pattern ignores case (its literals are not exact)."""
-    if pattern.flags & re.IGNORECASE:
-        return None
-    parsed = _RE_PARSER.parse(pattern.pattern, pattern.flags)
-    return None if parsed.state.flags & re.IGNORECASE else list(parsed.data)
-
-
-def _longest_run(items: list[tuple[Any, Any]]) -> str:
-    """The longest run of plain literals in ``items``."""
-    best, run = "", []
-    for op, arg in [*items, (None, None)]:
-        if op is _RE_LITERAL:
-            run.append(chr(arg))
-            continue
-        best = max(best, "".join(run), key=len)
-        run = []
-    return best
-
-
-def literal_needle(pattern: re.Pattern[str]) -> str | None:
-    """The longest run of plain literals at the top level of ``pattern`` (two characters or
-    more), which every match must contain; None when there is none or it is not exact."""
-    try:
-        items = _parsed(pattern)
-        best = "" if items is None else _longest_run(items)
-    except Exception:  # the regex module's internals changed: no needle, always searched
-        return None
-    return best if len(best) >= 2 else None
-
-
-def literal_needles(pattern: re.Pattern[str]) -> tuple[str, ...] | None:
-    """Literals (two characters or more) one of which every match of ``pattern`` contains:
-    :func:`literal_needle` when there is one, else the needles of each branch of a required
-    alternation (``^(?:Last disconnect error|Connection closed, reason)…``); None when none
-    is exact."""
-    try:
-        items = _parsed(pattern)
-        return None if items is None else _needles_of(items)
-    except Exception:  # the regex module's internals changed: no needles, always searched
-        return None
-
-
-def required_chars(pattern: re.Pattern[str]) -> frozenset[str]:
-    """Characters every match of ``pattern`` contains (its literals outside any repeat,
-    group or alternation); empty when not known."""
-    try:
-        items = _parsed(pattern)
-        if items is None:
-            return frozenset()
-        return frozenset(chr(arg) for op, arg in items if op is _RE_LITERAL)
-    except Exception:  # the regex module's internals changed: nothing known
-        return frozenset()
-
-
-def _needles_of(items: list[tuple[Any, Any]]) -> tuple[str, ...] | None:
-    """Needles of a sequence of parsed regex items (every match of the sequence holds one)."""
-    best = _longest_run(items)
-    if len(best) >= 2:
-        return (best,)
-    for op, arg in items:
-        if op is _RE_SUBPATTERN:
-            _group, add_flags, _del_flags, sub = arg
-            if add_flags & re.IGNORECASE:
-                continue
-            found = _needles_of(list(sub))
-        elif op is _RE_BRANCH:
-            alternatives = [_needles_of(list(b)) for b in arg[1]]
-            if any(a is None for a in alternatives):
-                continue
-            found = tuple(n for a in alternatives if a is not None for n in a)
-        else:
-            continue
-        if found:
-            return found
-    return None
-
-
-_RE_PARSER: Any = importlib.import_module("re._parser")
-_RE_CONSTANTS: Any = importlib.import_module("re._constants")
-_RE_LITERAL: Any = _RE_CONSTANTS.LITERAL
-_RE_SUBPATTERN: Any = _RE_CONSTANTS.SUBPATTERN
-_RE_BRANCH: Any = _RE_CONSTANTS.BRANCH
 
 
 def rule(name: str, pattern: str, kind: EventKind | None, code: int | None = None,

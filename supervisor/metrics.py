@@ -33,10 +33,6 @@ _DROPS = frozenset({EventKind.CONFLICT, EventKind.DISCONNECTED, EventKind.RESTAR
                     EventKind.UPSTREAM_STARTED})
 
 
-# Every record :func:`parse_error_kind` can count holds one of these (the intake's fast path
-# hands only those records to the metrics).
-PARSE_ERROR_NEEDLES = ('{"', "\ufffd")
-
 
 def parse_error_kind(record: str) -> str | None:
     """Why a log record could not be read, or None when it could.

@@ -25,13 +25,13 @@ Only ``\n`` ends a line (form feed, NEL, U+2028 are characters of it).
 
 from __future__ import annotations
 
-import difflib
-import functools
 import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import overload
+
+from .prefilter import STRUCTURAL_NEEDLES, line_ends
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,6 @@ MAX_RECORD_LINES = 400  # a block is cut after this many lines
 MAX_LINE_BYTES = 1024 * 1024  # a longer line keeps this many bytes; the rest is skipped
 RECORD_TIMEOUT_S = 2.0  # an unfinished block is given up this long after its last line
 
-# pm2 ``--time`` (and ``log_date_format: YYYY-MM-DDTHH:mm:ss``) prefixes every line with
-# ``2025-07-23T05:41:01: ``; fractions and a zone are accepted too.
-PM2_TIME_PREFIX = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?: "
 
 _ERROR_START = re.compile(
     r"^(?:(?:Last disconnect error|Connection closed, reason|connection closed due to):? *)?"
@@ -52,9 +49,6 @@ _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`(?:[^`\\]|\\.)*`"
 # and puts the closing bracket at column 0 (``}``, ``]``, ``} , reconnecting  true``).
 _INSIDE = " \t}]"
 
-# Lines that can matter whatever the rules: a block starts only on a line holding a bracket or
-# an ``…Error: `` (and a JSON line, the only kind parse decodes, holds ``{``).
-STRUCTURAL_NEEDLES = ("{", "[", "Error")
 
 
 # --------------------------------------------------------------------------- bytes → lines
@@ -260,60 +254,6 @@ class _BlockStarts(Sequence[int]):
         return self._base + p + 1 - self._begin
 
 
-def merge_needles(needles: Iterable[str], min_len: int = 8) -> tuple[str, ...]:
-    """Fewer needles to search for, with the same lines found (and perhaps a few more): a
-    needle holding another is dropped, and needles sharing a substring of ``min_len``
-    characters or more are replaced by it (``Connection update: `` and ``Connection closed,
-    reason`` by ``Connection ``). Each needle costs one pass over the text."""
-    current = _minimal(needles)
-    while True:
-        best = ""
-        for i, a in enumerate(current):
-            for b in current[i + 1:]:
-                match = difflib.SequenceMatcher(None, a, b, autojunk=False).find_longest_match(
-                    0, len(a), 0, len(b))
-                common = a[match.a:match.a + match.size]
-                covers = sum(common in c for c in current)
-                if match.size >= min_len and (
-                        covers > sum(best in c for c in current) if best else True):
-                    best = common
-        if not best:
-            return tuple(current)
-        current = _minimal([best, *current])
-
-
-def _line_ends(text: str, needles: Iterable[str]) -> list[int]:
-    """Where (the ``\\n``) each line of ``text`` holding one of ``needles`` ends, in order:
-    one ``str.find`` pass per needle, at C speed."""
-    wanted = _minimal(needles)
-    if "" in wanted:
-        raise ValueError("an empty needle: every line matters")
-    ends: set[int] = set()
-    find = text.find
-    for needle in wanted:
-        p = find(needle)
-        while p >= 0:
-            e = find("\n", p)
-            ends.add(e)
-            p = find(needle, e + 1)
-    return sorted(ends)
-
-
-def _minimal(needles: Iterable[str]) -> list[str]:
-    """``needles`` without those holding another one (a line with it holds the other too)."""
-    return list(_minimal_of(tuple(needles)))
-
-
-@functools.lru_cache(maxsize=64)
-def _minimal_of(needles: tuple[str, ...]) -> tuple[str, ...]:
-    unique = sorted(set(needles), key=len)
-    out: list[str] = []
-    for needle in unique:
-        if not any(other in needle for other in out):
-            out.append(needle)
-    return tuple(out)
-
-
 def strip_prefix(line: str, prefix: re.Pattern[str] | None) -> str:
     """``line`` without the prefix a process manager added (unchanged when there is none)."""
     if prefix is None:
@@ -431,7 +371,7 @@ class Assembler:
         n = first_line_no
         pos = 0
         end = len(text)
-        hit_list = _line_ends(text, (*needles, *STRUCTURAL_NEEDLES))
+        hit_list = line_ends(text, (*needles, *STRUCTURAL_NEEDLES))
         i = 0
         while True:
             if self._lines:  # a block is held: every line goes to it until it ends

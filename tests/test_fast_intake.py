@@ -20,11 +20,10 @@ from fakes import FakeClock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor import events
+from supervisor import events, prefilter
 from supervisor.attribution import Attributor
-from supervisor.config import LogSourceConfig
+from supervisor.config import PM2_TIME_PREFIX, LogSourceConfig
 from supervisor.records import (
-    PM2_TIME_PREFIX,
     Assembler,
     LineBlock,
     LineSplitter,
@@ -223,7 +222,7 @@ def test_operator_rules_ignore_and_needleless() -> None:
 
 def test_literal_needles() -> None:
     def needles(p: str) -> tuple[str, ...] | None:
-        return events.literal_needles(re.compile(p))
+        return prefilter.literal_needles(re.compile(p))
     assert needles(r"^(?:Last disconnect error|Connection closed, reason):?\s") == (
         "Last disconnect error", "Connection closed, reason")
     assert needles(r"(?:Lab|Lcd)x") == ("ab", "cd")

@@ -1,6 +1,6 @@
 """The catch-up fast paths give exactly what the plain paths give (bench/run.py measures them).
 
-* ``events.literal_needle``: the literal every match of a rule contains; :func:`events.parse`
+* ``prefilter.literal_needle``: the literal every match of a rule contains; :func:`events.parse`
   skips a rule whose needle is not in the record before running its regex.
 * ``LineSplitter.feed`` decodes a line straight from the chunk when nothing is held.
 * ``records._depth_change`` returns 0 without the quote scan when a line has no bracket.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES
 
-from supervisor import events
+from supervisor import events, prefilter
 from supervisor.journal import Journal
 from supervisor.records import Assembler, LineSplitter, _depth_change, strip_prefix
 from supervisor.rows import ActiveRow, MessageState, NewMessage, Progress
@@ -41,7 +41,7 @@ LOGS = ("apiblast_stock_console.log", "apiblast_variant_console.log",
 ])
 def test_literal_needle(pattern: str, flags: int, needle: str | None) -> None:
     """The needle is the longest run of plain literals at the top level, and None when unsure."""
-    assert events.literal_needle(re.compile(pattern, flags)) == needle
+    assert prefilter.literal_needle(re.compile(pattern, flags)) == needle
 
 
 def _records() -> list[str]:

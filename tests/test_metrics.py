@@ -30,7 +30,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from supervisor.events import ATTRIBUTION_ID, Event, EventKind
 from supervisor.health import Health
 from supervisor.metrics import (
-    PARSE_ERROR_NEEDLES,
     DrainTimer,
     InstanceSample,
     Metrics,
@@ -38,6 +37,7 @@ from supervisor.metrics import (
     parse_error_kind,
 )
 from supervisor.outcome import Outcome, OutcomeKind
+from supervisor.prefilter import PARSE_ERROR_NEEDLES
 
 ALERTS = REPO / "config" / "prometheus-alerts.yml"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from supervisor import events
+from supervisor.config import PM2_TIME_PREFIX
 from supervisor.events import EventKind
 from supervisor.records import (
     MAX_RECORD_LINES,
-    PM2_TIME_PREFIX,
     Assembler,
     LineSplitter,
     Record,

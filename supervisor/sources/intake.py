@@ -20,12 +20,11 @@ from .. import events
 from ..attribution import ALL_WITH_TRAFFIC, Attributor, FleetGuesses
 from ..clock import Clock
 from ..config import LogSourceConfig
+from ..prefilter import rule_needles
 from ..records import (
-    STRUCTURAL_NEEDLES,
     Assembler,
     LineBlock,
     Record,
-    merge_needles,
     strip_prefix,
 )
 from . import Batch, Mark
@@ -72,7 +71,6 @@ class IntakeStats:
 PARSED_MAX = 2048  # record texts whose event the intake keeps (emptied when full)
 PARSED_MAX_CHARS = 2048  # longer records are parsed every time
 _UNSEEN: Any = object()
-STRUCTURAL_NEEDLES_SET = frozenset(STRUCTURAL_NEEDLES)
 
 
 class Intake:
@@ -171,24 +169,9 @@ class Intake:
                                   and self._on_record_needles is None):
             return None
         rules = self.rules()
-        if rules is self._needle_rules:
-            return self._needles
-        needles: list[str] | None = list(self._on_record_needles or ())
-        for r in rules:
-            if r.ignore:
-                continue  # it can only silence a record: one without needles gives nothing
-            if not STRUCTURAL_NEEDLES_SET.isdisjoint(events.required_chars(r.pattern)):
-                continue  # a match holds ``{`` or ``[``: the scan looks at such lines anyway
-            own = r.needles
-            if own is None or needles is None:
-                needles = None
-                break
-            needles.extend(own)
-        if needles is not None and "" in needles:
-            needles = None  # every record wanted
-        self._needle_rules = rules
-        self._needles = (merge_needles((*needles, *STRUCTURAL_NEEDLES)) if needles is not None
-                         else None)
+        if rules is not self._needle_rules:
+            self._needle_rules = rules
+            self._needles = rule_needles(rules, self._on_record_needles or ())
         return self._needles
 
     @staticmethod
