@@ -1,4 +1,4 @@
-"""Admin calls (SPEC §5, §6): re-queue, cancel, pause and resume, behind the admin token.
+"""Admin calls: re-queue, cancel, pause and resume, behind the admin token.
 
 Every route needs ``Authorization: Bearer <auth.admin_token>``, compared in constant time.
 Without a configured token every admin call is refused (403) with a message saying how to set
@@ -23,11 +23,10 @@ import re
 
 from aiohttp import web
 
-from .api import message_view
+from .answers import json_error, message_view
 from .clock import Clock
 from .config import Config
 from .journal import Journal, JournalError
-from .proxy import json_error
 from .replay import Item, Replayer
 from .rows import AdminChange, MessageState
 

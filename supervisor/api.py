@@ -1,4 +1,4 @@
-"""The supervisor's own HTTP surface (SPEC §5): health, instances, messages, queue status,
+"""The supervisor's own HTTP surface: health, instances, messages, queue status,
 recent events and metrics.
 
 Nothing here shows an access token or a message body.
@@ -6,14 +6,13 @@ Nothing here shows an access token or a message body.
 
 from __future__ import annotations
 
-import json
-import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
+from .answers import iso, json_error, message_view
 from .auth import Authenticator
 from .clock import Clock
 from .config import Config
@@ -32,9 +31,8 @@ from .health import (
 )
 from .journal import Journal, JournalError
 from .metrics import InstanceSample, Metrics
-from .proxy import json_error
 from .replay import Lane, Replayer
-from .rows import MessageRow, MessageState
+from .rows import MessageState
 from .sessions import Session, Sessions
 from .stats import DepthHistory, InstanceStats, Outcomes, Stats, overall
 
@@ -51,41 +49,17 @@ def lane_depths(lane: Lane | None) -> dict[str, int]:
             "sending": 1 if lane.in_flight else 0}
 
 
-def message_view(row: MessageRow) -> dict[str, Any]:
-    """A message's progress, without its body or its query (which holds the token)."""
-    return {
-        "message_id": row.id,
-        "instance_id": row.instance_id,
-        "state": row.state.value,
-        "attempts": row.attempts,
-        "failures": row.failures,
-        "unknown_count": row.unknown_count,
-        "last_error": row.last_error,
-        "message_key_id": row.message_key_id,
-        "created_at": _iso(row.created_at),
-        "updated_at": _iso(row.updated_at),
-        "delivered_at": _iso(row.delivered_at),
-        "next_attempt_at": _iso(row.next_attempt_at)
-        if row.state in (MessageState.QUEUED, MessageState.UNKNOWN) else None,
-        # Each attempt: its outcome, whether it counted towards queue.max_retries, and why.
-        "history": [dict(entry, at=_iso(entry.get("at"))) for entry in
-                    json.loads(row.history or "[]") if isinstance(entry, dict)],
-    }
-
-
-def _iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
-
-
 class Api:
     """Handlers of ``/supervisor/*`` and ``/queue-status/{instance_id}``."""
 
     def __init__(self, cfg: Config, journal: Journal, sessions: Sessions, replayer: Replayer,
                  auth: Authenticator, clock: Clock, *, stats: Stats | None = None,
                  metrics: Metrics | None = None,
-                 recent_events: deque[dict[str, Any]] | None = None) -> None:
+                 recent_events: deque[dict[str, Any]] | None = None,
+                 failing: dict[str, str] | None = None,
+                 sections: Mapping[str, Callable[[], Any]] | None = None,
+                 is_paused: Callable[[str], bool] | None = None,
+                 duplicate_pids: Callable[[], tuple[int, ...]] | None = None) -> None:
         self.cfg = cfg
         self.journal = journal
         self.sessions = sessions
@@ -93,19 +67,20 @@ class Api:
         self.auth = auth
         self.clock = clock
         self.started_at = clock.time()
-        self.failing: dict[str, str] = {}  # component -> what is wrong
+        # component -> what is wrong (the owner's health registry, shared with it)
+        self.failing: dict[str, str] = failing if failing is not None else {}
         self.stats = stats or Stats(journal, clock)
         self.metrics = metrics or Metrics()
         self.recent_events: deque[dict[str, Any]] = (
             recent_events if recent_events is not None else deque(maxlen=RECENT_EVENTS_LIMIT))
         self.depths = DepthHistory(2 * cfg.monitoring.backlog_window_s)
-        # Filled by whoever knows (process watching, admin pause): pids of duplicate api-blast
+        # From whoever knows (process watching, admin pause): pids of duplicate api-blast
         # processes, and whether an instance is paused. They feed the recommendations.
-        self.duplicate_pids: Callable[[], tuple[int, ...]] = tuple
-        self.is_paused: Callable[[str], bool] = lambda _instance_id: False
-        # Extra sections of /supervisor/health (api_blast, process, recovery), filled by the
-        # daemon: name -> a function returning that section's JSON.
-        self.sections: dict[str, Callable[[], Any]] = {}
+        self.duplicate_pids: Callable[[], tuple[int, ...]] = duplicate_pids or tuple
+        self.is_paused: Callable[[str], bool] = is_paused or (lambda _instance_id: False)
+        # Extra sections of /supervisor/health (api_blast, process, recovery): name -> a
+        # function returning that section's JSON.
+        self.sections: dict[str, Callable[[], Any]] = dict(sections or {})
 
     def add_routes(self, app: web.Application) -> None:
         """Register the routes (before the proxy's catch-all)."""
@@ -221,7 +196,7 @@ class Api:
         healths = [Health(s["health"]) for s in summaries] + [global_health(facts)]
         general = [r.as_dict() for r in recommend_global(facts, Limits.from_config(self.cfg))]
         return {
-            "generated_at": _iso(self.clock.time()),
+            "generated_at": iso(self.clock.time()),
             "overall": {
                 "health": worst(healths).value,
                 "instances": len(summaries),
@@ -261,7 +236,7 @@ class Api:
         for ev in reversed(self.recent_events):
             if instance_id is not None and ev.get("instance_id") != instance_id:
                 continue
-            out.append({**ev, "time": _iso(float(ev["t"]))})
+            out.append({**ev, "time": iso(float(ev["t"]))})
             if len(out) >= limit:
                 break
         return web.json_response({"events": out})

@@ -1,4 +1,4 @@
-"""Which instance a record without an instance id speaks of (SPEC §2).
+"""Which instance a record without an instance id speaks of.
 
 :func:`attribute` is pure: an event and what is known about the instances in, attributed
 events out. Strategies are tried in the configured order (``parser.attribution``):
@@ -10,7 +10,7 @@ events out. Strategies are tried in the configured order (``parser.attribution``
   then api-blast's id-less dump of the same error;
 * ``only_instance`` — one instance is known: it is that one;
 * ``all_with_traffic`` — a drop is applied to every instance with traffic, as a guess that
-  the probe of SPEC §2 lifts for the instances that were in fact fine.
+  the session probe lifts for the instances that were in fact fine.
 
 Before a drop goes to every instance with traffic, the intake looks a few lines further in the
 same read (``following``, :data:`FOLLOWING_LINES`): api-blast's patched variant prints the

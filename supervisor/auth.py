@@ -1,4 +1,4 @@
-"""Who may have a send journaled (SPEC §6): checked before anything is stored.
+"""Who may have a send journaled: checked before anything is stored.
 
 ``auth.mode: upstream`` asks api-blast's own gate (``GET /instance``) and reads its answer as
 api-blast means it (:func:`read_answer`):

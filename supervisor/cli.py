@@ -121,7 +121,7 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
 
 def cmd_parse_line(args: argparse.Namespace) -> int:
     """Read log lines on stdin and print the events found (to tune patterns offline)."""
-    from .monitor import event_json, event_text, parse_offline
+    from .parseline import event_json, event_text, parse_offline
 
     cfg = _load_or_report(args.config)
     if cfg is None:
@@ -136,7 +136,7 @@ def cmd_parse_line(args: argparse.Namespace) -> int:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     """Copy api-blast's output from stdin to stdout and show each instance's state."""
-    from .monitor import monitor_main
+    from .parseline import monitor_main
 
     cfg = _load_or_report(args.config)
     if cfg is None:
@@ -166,14 +166,14 @@ def cmd_tool(args: argparse.Namespace) -> int:
     ``listen``; the admin token from ``--admin-token``, ``BLAST_SUPERVISOR_ADMIN_TOKEN`` or
     ``auth.admin_token``; the access token from ``--access-token`` or ``BLAST_ACCESS_TOKEN``.
     """
-    from . import tools
+    from . import ctl
 
     cfg = _load_or_report(args.config)
     if cfg is None:
         return EXIT_CONFIG
     url = (args.url or os.environ.get("BLAST_SUPERVISOR_URL")
-           or tools.base_url(cfg.listen.host, cfg.listen.port))
-    target = tools.Target(
+           or ctl.base_url(cfg.listen.host, cfg.listen.port))
+    target = ctl.Target(
         url=url,
         admin_token=(getattr(args, "admin_token", None)
                      or os.environ.get("BLAST_SUPERVISOR_ADMIN_TOKEN") or cfg.auth.admin_token),
@@ -255,9 +255,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     demo.add_arguments(p)
     p.set_defaults(func=cmd_demo)
 
-    from . import tools
+    from . import ctl
 
-    tools.add_subcommands(add, cmd_tool)
+    ctl.add_subcommands(add, cmd_tool)
     return parser
 
 

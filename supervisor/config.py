@@ -244,7 +244,7 @@ class ParserConfig:
     attributed."""
 
     rules: tuple[ParserRule, ...] = ()
-    # Strategies for records that name no instance, tried in this order (SPEC §2).
+    # Strategies for records that name no instance, tried in this order.
     attribution: tuple[str, ...] = ATTRIBUTION_STRATEGIES
     # ``adjacent``: an id-bearing record at most this many records and seconds before.
     adjacent_records: int = field(default=3, metadata=_meta(ge=1))
@@ -562,3 +562,29 @@ def load_config(path: str | Path) -> Config:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{p}: not valid YAML{where}: {problem}"]) from exc
     return parse_config(data)
+
+
+# Settings read once at startup: a reload that changes them is applied only by a restart.
+RESTART_ONLY = ("listen", "state_dir", "log_source", "upstream", "logging",
+                "limits.max_body_bytes", "limits.idle_timeout_s", "proxy.guarded_routes",
+                "process.enabled")
+
+
+def reload_plan(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """The configuration to apply on reload, and the changed keys that need a restart
+    (those keep their running value until then)."""
+    changed: list[str] = []
+    effective = new
+    for key in RESTART_ONLY:
+        section, _, name = key.partition(".")
+        old_v, new_v = getattr(old, section), getattr(new, section)
+        if name:
+            old_f, new_f = getattr(old_v, name), getattr(new_v, name)
+            if old_f != new_f:
+                changed.append(key)
+                new_v = dataclasses.replace(new_v, **{name: old_f})
+                effective = dataclasses.replace(effective, **{section: new_v})
+        elif old_v != new_v:
+            changed.append(key)
+            effective = dataclasses.replace(effective, **{section: old_v})
+    return effective, changed

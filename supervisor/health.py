@@ -1,4 +1,4 @@
-"""Health and recommendations (SPEC §5): pure rules over plain facts.
+"""Health and recommendations: pure rules over plain facts.
 
 Health comes from the ``monitoring`` thresholds (success rate and queue depth), and the session
 state can only make it worse: an instance that is ``logged_out``, ``stalled`` or waiting for a

@@ -8,10 +8,8 @@ be read safely. The connection state machines that use them live in :mod:`superv
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
-from http import HTTPStatus
 
 # RFC 9110 §7.6.1 connection-specific headers, never forwarded by a proxy.
 HOP_BY_HOP = frozenset({
@@ -246,15 +244,6 @@ class ChunkedDecoder:
                 self.state = self.DONE
                 return pos
         return pos
-
-
-def error_answer(status: int, message: str, close: bool, **extra: str) -> bytes:
-    """The JSON error the aiohttp pass-through gives (``json_error``), as bytes."""
-    body = json.dumps({"status": "error", "message": message, **extra}).encode()
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
-            b"Content-Length: %d\r\n%s\r\n%s"
-            % (status, HTTPStatus(status).phrase.encode(), len(body),
-               b"Connection: close\r\n" if close else b"", body))
 
 
 def parse_response(head: bytes, head_request: bool) -> tuple[int, list[bytes], int, int, bool]:

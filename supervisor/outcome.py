@@ -51,7 +51,7 @@ class Outcome:
 
 
 def classify(status: int, body: bytes) -> Outcome:
-    """Classify api-blast's answer to a send by its body (SPEC §1)."""
+    """Classify api-blast's answer to a send by its body."""
     if status >= 500:
         return Outcome(OutcomeKind.FAILED, f"api-blast answered HTTP {status}")
     try:

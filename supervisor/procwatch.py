@@ -1,4 +1,4 @@
-"""Watching api-blast's Node process with psutil (SPEC §2, issue "run as a real service").
+"""Watching api-blast's Node process with psutil.
 
 Finds the process (``process.pid_file``, else the process listening on ``process.port`` — by
 default the port of ``upstream.url`` — else ``process.cmdline`` / ``process.cwd``), reports its

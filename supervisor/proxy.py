@@ -26,6 +26,7 @@ from aiohttp import web
 from yarl import URL
 
 from . import validation
+from .answers import json_error
 from .auth import Authenticator
 from .clock import Clock
 from .config import Config, GuardedRoute
@@ -68,13 +69,6 @@ def _succeeded(body: bytes) -> bool:
     except ValueError:
         return False
     return isinstance(doc, dict) and doc.get("status") == "success"
-
-
-def json_error(status: int, message: str, headers: dict[str, str] | None = None,
-               **extra: Any) -> web.Response:
-    """A JSON error in api-blast's own shape (``status: error``), with a real HTTP status."""
-    return web.json_response({"status": "error", "message": message, **extra}, status=status,
-                             headers=headers)
 
 
 @web.middleware
@@ -160,7 +154,8 @@ class Proxy:
     """Request handlers for guarded and pass-through routes."""
 
     def __init__(self, cfg: Config, journal: Journal, replayer: Replayer, upstream: Upstream,
-                 auth: Authenticator, clock: Clock) -> None:
+                 auth: Authenticator, clock: Clock, *, on_guard: GuardNote | None = None,
+                 on_logged_out: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.journal = journal
         self.replayer = replayer
@@ -174,9 +169,9 @@ class Proxy:
         self._destructive = [(name, loose_pattern(path))
                              for name, path in DESTRUCTIVE_ROUTES.items()]
         # Told of every GET /logout and /get_qrcode: refused or let through, and why.
-        self.on_guard: GuardNote | None = None
+        self.on_guard = on_guard
         # Told when api-blast answered a GET /logout with success (the instance id).
-        self.on_logged_out: Callable[[str], None] | None = None
+        self.on_logged_out = on_logged_out
         self._inline: set[asyncio.Task[Any]] = set()
         self._keys_busy: set[tuple[str, str]] = set()  # (instance, key) being handled now
         self.storage_error: str | None = None

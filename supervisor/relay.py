@@ -29,6 +29,7 @@ from typing import Any, cast
 from aiohttp import web
 from yarl import URL
 
+from .answers import error_answer
 from .config import Config
 from .http1 import (
     BARE_LF,
@@ -39,7 +40,6 @@ from .http1 import (
     ChunkedDecoder,
     Reject,
     Request,
-    error_answer,
     has_bare_lf,
     parse_request,
     parse_response,

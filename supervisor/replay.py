@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import overload
 
+from .backoff import next_delay_s
 from .clock import Clock
 from .config import QueueConfig
 from .journal import Journal, JournalError
@@ -29,17 +30,6 @@ from .sendclient import SendResult
 from .sessions import GateAction, Sessions, SessionState
 
 log = logging.getLogger(__name__)
-
-
-def next_delay_s(failures: int, cfg: QueueConfig, rand: float) -> float:
-    """Backoff after the ``failures``-th failure: ``retry_delay_s × 2^(n-1)``, capped, jittered.
-
-    ``rand`` in [0, 1) picks the jitter: the delay is multiplied by a factor in
-    ``[1 - jitter, 1 + jitter]``.
-    """
-    n = max(1, failures)
-    base = min(cfg.max_retry_delay_s, cfg.retry_delay_s * 2.0 ** min(n - 1, 30))
-    return max(0.0, base * (1.0 + cfg.jitter * (2.0 * rand - 1.0)))
 
 
 @dataclass(slots=True)
@@ -353,7 +343,10 @@ class Replayer:
 
     def __init__(self, cfg: QueueConfig, sessions: Sessions, journal: Journal,
                  send: SendFn | None,
-                 clock: Clock, rng: random.Random | None = None) -> None:
+                 clock: Clock, rng: random.Random | None = None, *,
+                 on_outcome: Callable[[str, Outcome, bool], None] | None = None,
+                 on_settled: Callable[[Lane, Progress], None] | None = None,
+                 on_crash: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.sessions = sessions
         self.journal = journal
@@ -369,10 +362,12 @@ class Replayer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = False  # set by drain(): from then on _idle is kept up to date
-        self.on_outcome: Callable[[str, Outcome, bool], None] | None = None
+        # Told of every attempt's outcome: (instance, outcome, whether it was a probe).
+        self.on_outcome = on_outcome
         # After an attempt was recorded and its lane updated: (lane, the recorded progress).
-        self.on_settled: Callable[[Lane, Progress], None] | None = None
-        self.on_crash: Callable[[str], None] | None = None
+        self.on_settled = on_settled
+        # A lane worker died (a bug): what failed. The owner stops the daemon.
+        self.on_crash = on_crash
         # Instances paused by an admin call: their lanes send nothing, inline or replayed.
         self.paused: set[str] = set()
         # Outcomes the journal could not take (storage fault): message id -> (progress, when).

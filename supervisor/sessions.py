@@ -1,4 +1,4 @@
-"""Per-instance session state, fed by events and by the answers to sends (SPEC §2).
+"""Per-instance session state, fed by events and by the answers to sends .
 
 ``unknown → connecting → ready``, ``ready → conflict | disconnected | logged_out``,
 ``needs_qr``, and ``stalled`` (not ready for longer than ``connection_timeout_s`` after a drop).

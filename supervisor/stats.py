@@ -1,4 +1,4 @@
-"""Success-rate accounting from real outcomes (SPEC §5, issue "see it working").
+"""Success-rate accounting from real outcomes.
 
 A message *finishes* delivered (api-blast returned ``message.key.id``) or dead. The journal
 records every finish in the same transaction as the message's state (``Journal.record``), so

@@ -1,4 +1,4 @@
-"""Authentication before journaling (SPEC §6): every ``auth.mode``, floods, queue status."""
+"""Authentication before journaling: every ``auth.mode``, floods, queue status."""
 
 from __future__ import annotations
 

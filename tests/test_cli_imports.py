@@ -10,7 +10,7 @@ import pytest
 
 from supervisor.cli import LIGHT_COMMANDS, build_parser
 
-HEAVY = ("supervisor.demo", "supervisor.simulator", "supervisor.tools", "supervisor.install",
+HEAVY = ("supervisor.demo", "supervisor.simulator", "supervisor.ctl", "supervisor.install",
          "supervisor.procwatch", "psutil")
 
 
@@ -32,7 +32,7 @@ def test_run_parser_and_daemon_import_nothing_heavy() -> None:
 
 def test_full_parser_still_has_every_subcommand() -> None:
     """``--help`` and the other subcommands get the whole parser, as before."""
-    assert {"supervisor.demo", "supervisor.simulator", "supervisor.tools"} <= _imported_after(
+    assert {"supervisor.demo", "supervisor.simulator", "supervisor.ctl"} <= _imported_after(
         "from supervisor.cli import build_parser\nbuild_parser()")
 
 

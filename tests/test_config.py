@@ -33,7 +33,7 @@ def _errors(mapping: Any) -> list[str]:
 # --------------------------------------------------------------------------- defaults
 
 DEFAULTS = [
-    # (attribute path, SPEC §4 seed value)
+    # (attribute path, documented default)
     ("listen.host", "127.0.0.1"),
     ("listen.port", 8001),
     ("upstream.url", "http://127.0.0.1:8000"),
@@ -61,7 +61,7 @@ DEFAULTS = [
 
 @pytest.mark.parametrize(("path", "expected"), DEFAULTS)
 def test_defaults_are_the_spec_seed_values(path: str, expected: Any) -> None:
-    """``parse_config(None)`` gives the SPEC §4 seed value at every documented key."""
+    """``parse_config(None)`` gives the documented default at every documented key."""
     value: Any = parse_config(None)
     for part in path.split("."):
         value = getattr(value, part)
@@ -172,7 +172,7 @@ def test_bad_input_names_its_key_path(mapping: dict[str, Any], key_path: str) ->
 
 
 def test_error_line_says_what_is_expected() -> None:
-    """The error reads like SPEC §4's example: key path, requirement, offending value."""
+    """The error reads like the documented example: key path, requirement, offending value."""
     assert _errors({"queue": {"max_retries": -1}}) == [
         "queue.max_retries: must be an integer >= 0, got -1"]
 
@@ -238,7 +238,7 @@ def test_several_cross_field_errors_are_all_reported() -> None:
 
 
 def test_type_errors_and_cross_field_errors_are_reported_together() -> None:
-    """A file with a bad number and a bad URL names both keys (SPEC §4: every error)."""
+    """A file with a bad number and a bad URL names both keys (every error, not the first only)."""
     errors = _errors({"queue": {"max_retries": -1}, "upstream": {"url": "ftp://x"}})
     starts = sorted(line.split(":", 1)[0] for line in errors)
     assert starts == ["queue.max_retries", "upstream.url"]

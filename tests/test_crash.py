@@ -1,5 +1,5 @@
 """Crash safety: kill -9 at random moments loses no acknowledged message, and the only
-duplicates are sends whose outcome was unknown (SPEC §3)."""
+duplicates are sends whose outcome was unknown (docs/guarantees.md)."""
 
 from __future__ import annotations
 

@@ -217,7 +217,7 @@ def expected(alert: str, labels: dict[str, str], value: str = "") -> dict[str, A
             "exp_annotations": {k: fill(v) for k, v in rule["annotations"].items()}}
 
 
-def test_alert_rules_cover_the_issue_and_use_real_metrics() -> None:
+def test_alert_rules_cover_each_failure_and_use_real_metrics() -> None:
     """The shipped rules alert on a conflict storm, a stalled instance, dead messages, a low
     success rate and the supervisor being down, using only metrics that exist."""
     exprs = _alert_exprs()

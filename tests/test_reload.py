@@ -22,8 +22,7 @@ from conftest import (
     wait_until,
 )
 
-from supervisor.config import parse_config, validate
-from supervisor.daemon import reload_plan
+from supervisor.config import parse_config, reload_plan, validate
 
 SEND_PATH = f"/send_message?instance_id={INSTANCE}&access_token={TOKEN}"
 

@@ -8,10 +8,11 @@ from typing import Any, cast
 import pytest
 from fakes import FakeClock
 
+from supervisor.backoff import next_delay_s
 from supervisor.config import QueueConfig, SessionConfig
 from supervisor.journal import Journal
 from supervisor.outcome import Outcome, OutcomeKind
-from supervisor.replay import Item, Lane, Replayer, next_delay_s
+from supervisor.replay import Item, Lane, Replayer
 from supervisor.rows import MessageState
 from supervisor.sessions import Sessions
 

@@ -1,4 +1,4 @@
-"""Tests of ``supervisor.sessions.Sessions``: event sequences in, states and gates out (SPEC §2).
+"""Tests of ``supervisor.sessions.Sessions``: event sequences in, states and gates out.
 
 Each scenario is a table of steps at plain float times: an event applied, a send's answer
 noted, or a gate asked with the expected action, ``until`` and state.
@@ -263,7 +263,7 @@ SCENARIOS = [
 
 @pytest.mark.parametrize("steps", SCENARIOS)
 def test_scenario(steps: list[Step]) -> None:
-    """The gate and the state follow SPEC §2 through each sequence of signals."""
+    """The gate and the state follow the documented session rules through each sequence of signals."""
     _run(steps)
 
 

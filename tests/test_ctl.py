@@ -14,7 +14,7 @@ import pytest
 from conftest import INSTANCE, REPO, TOKEN, Child, free_port, wait_until
 from monitoring_stack import ADMIN, CHAT, INSTANCE2, Stack, start_stack
 
-from supervisor.tools import (
+from supervisor.ctl import (
     RunResult,
     Tracked,
     base_url,

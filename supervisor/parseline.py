@@ -22,10 +22,10 @@ from typing import BinaryIO, TextIO
 
 from . import events
 from .attribution import Attributor
+from .backoff import next_delay_s
 from .clock import Clock, SystemClock
 from .config import Config
 from .records import LineSplitter
-from .replay import next_delay_s
 from .sessions import Sessions
 from .sources import Batch
 from .sources.intake import Found, Intake
