@@ -22,7 +22,7 @@ from typing import IO, Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-NODE_UPSTREAM = REPO / "tests" / "node_upstream.js"
+NODE_UPSTREAM = REPO / "tests" / "support" / "node_upstream.js"
 CPUS = os.cpu_count() or 1
 
 
@@ -136,7 +136,7 @@ class Procs:
         """The minimal Node ``http`` upstream (small JSON answers); returns its port."""
         port = free_port()
         proc = self._spawn(pinned(["node", str(NODE_UPSTREAM), str(port)], cpu), "node")
-        wait_port(port, proc, "node tests/node_upstream.js")
+        wait_port(port, proc, "node tests/support/node_upstream.js")
         return port
 
     def nginx(self, upstream_port: int, cpu: int | None = None) -> int:

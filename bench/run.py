@@ -8,12 +8,12 @@ Prints a table (figure, measured, references, ratio, target, met?) and writes it
 (``--json FILE``, default ``bench/results.json``). No threshold is asserted: the table says
 which target is met. Everything listens on 127.0.0.1; every process started is stopped.
 
-Figures (see the README's "Performance" section for how each is made fair):
+Figures (see docs/performance.md for how each is made fair):
 
-* ``passthrough``: requests/s through the proxy with 32 connections (wrk, ``GET /`` answered by
-  ``tests/node_upstream.js``) against nginx (one worker, upstream keep-alive) in front of the
-  same upstream, and against the upstream directly. The proxy under test (the daemon or nginx)
-  is pinned to CPU 0, the upstream and wrk to CPU 1, so both proxies get one core each.
+* ``passthrough``: requests/s through the proxy with 32 connections (wrk, ``GET /`` answered
+  by ``tests/support/node_upstream.js``) against nginx (one worker, upstream keep-alive) in front
+  of the same upstream, and against the upstream directly. The proxy under test (the daemon or
+  nginx) is pinned to CPU 0, the upstream and wrk to CPU 1, so both proxies get one core each.
 * ``latency``: added p50 latency with 1 connection: proxy p50 - direct p50, nginx likewise.
 * ``instance``: the same for ``GET /instance?instance_id=…&access_token=…`` (what Waziper polls;
   the relay learns the jid from each answer), and requests/s of a 60 KB ``GET /get_qrcode``

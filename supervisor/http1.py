@@ -40,6 +40,10 @@ _UPGRADE_LINE = re.compile(rb"\r\nupgrade:[^\r]*(?=\r\n|$)", re.IGNORECASE)
 VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 
 _HOP_BY_HOP = frozenset(h.encode() for h in HOP_BY_HOP)
+# Headers a request may carry once (aiohttp's parser refuses a second one with 400); those
+# the relay looks at itself (Host, Content-Length, Transfer-Encoding) are counted apart.
+_SINGLETONS = frozenset({b"content-location", b"content-range", b"content-type", b"etag",
+                         b"max-forwards", b"server", b"user-agent"})
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"content-length"})
 
 # Response framing.
@@ -122,13 +126,19 @@ def parse_request(head: bytes, host_line: bytes, prefix: bytes,
     length = -1
     chunked = False
     hosts = 0
+    seen: set[bytes] = set()
     conn: list[bytes] | None = None
     for line in lines[1:]:
         m = _HEADER.fullmatch(line)
         if m is None:
             return None
-        kind = _REQUEST_SPECIAL.get(m.group(1).lower())
+        name = m.group(1).lower()
+        kind = _REQUEST_SPECIAL.get(name)
         if kind is None:
+            if name in _SINGLETONS:
+                if name in seen:
+                    return None  # aiohttp refuses a second one (400): its answer, not ours
+                seen.add(name)
             keep.append(line)
         elif kind == _R_CL:
             value = m.group(2).strip(b" \t")
@@ -150,7 +160,7 @@ def parse_request(head: bytes, host_line: bytes, prefix: bytes,
             conn.append(m.group(2))
         elif kind == _R_HANDOVER:
             return None
-    if hosts > 1 or (chunked and length >= 0):
+    if hosts != 1 or (chunked and length >= 0):  # no Host: aiohttp answers 400 (RFC 9112)
         return None
     close = False
     if conn is not None:

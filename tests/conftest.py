@@ -1,160 +1,88 @@
-"""Shared fixtures: paths, free ports and child processes started by the tests themselves."""
+"""Fixtures shared by every test file, and the check that no process outlives the suite.
+
+The helpers themselves live in ``tests/support/``."""
 
 from __future__ import annotations
 
-import json
-import os
+import ctypes
 import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
-import yaml
+from support.stack import (
+    Child,
+    RunningStack,
+    kill_all,
+    start_simulator,
+    start_supervisor,
+    supervisor_config,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURES = Path(os.environ.get("BLAST_FIXTURES", REPO / "tests" / "fixtures"))
-INSTANCE = "68B2F1A0C3D4E"
-TOKEN = "a1b2c3d4e5f60"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+PR_SET_CHILD_SUBREAPER = 36
 
 
-def http(method: str, url: str, data: bytes | None = None,
-         headers: dict[str, str] | None = None, timeout: float = 10.0
-         ) -> tuple[int, dict[str, str], Any]:
-    """A blocking HTTP call returning (status, headers, decoded JSON or raw bytes)."""
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+def pytest_configure(config: pytest.Config) -> None:
+    """Make the test process the reaper of its descendants: a process whose parent died (a
+    child of a daemon killed with SIGKILL) is then re-parented here, not to init, so the
+    check at the end of the session still sees it."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when a process a test started is still alive at the end (then stop it)."""
+    left = [p for p in psutil.Process().children(recursive=True)
+            if _alive(p)]
+    if not left:
+        return
+    lines = []
+    for p in left:
+        try:
+            lines.append(f"  pid {p.pid}: {' '.join(p.cmdline())[:200]}")
+        except psutil.Error:
+            lines.append(f"  pid {p.pid}")
+    kill_all(left)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = ("processes started by the tests were still running at the end of the "
+               "session (each test must stop what it starts):\n" + "\n".join(lines))
+    if reporter is not None:
+        reporter.write_line(message, red=True)
+    else:
+        print(message, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _alive(p: psutil.Process) -> bool:
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, hdrs, raw = resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as exc:
-        status, hdrs, raw = exc.code, dict(exc.headers), exc.read()
-    try:
-        return status, hdrs, json.loads(raw)
-    except ValueError:
-        return status, hdrs, raw
-
-
-def wait_until(predicate: Any, timeout: float, what: str, step: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
-
-
-class Child:
-    """A child process whose output goes to a file; stopped at the end of the test."""
-
-    def __init__(self, args: list[str], out: Path, cwd: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.args, self.out = args, out
-        self._fh = out.open("ab")
-        self.proc = subprocess.Popen(args, stdout=self._fh, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=cwd,
-                                     env={**os.environ, **(env or {})})
-
-    def output(self) -> str:
-        return self.out.read_text(errors="replace")
-
-    def wait_for_output(self, text: str, timeout: float = 20.0) -> str:
-        def seen() -> bool:
-            if self.proc.poll() is not None and text not in self.output():
-                raise AssertionError(f"{self.args} exited {self.proc.returncode}:\n"
-                                     f"{self.output()[-3000:]}")
-            return text in self.output()
-        wait_until(seen, timeout, f"{text!r} in the output of {self.args[:4]}")
-        return self.output()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._fh.close()
-        return self.proc.returncode
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @pytest.fixture
 def children() -> Iterator[list[Child]]:
-    """Child processes registered here are killed when the test ends."""
+    """Child processes registered here are killed when the test ends (with whatever they
+    started)."""
     procs: list[Child] = []
     yield procs
     for c in procs:
         c.stop(signal.SIGKILL)
 
 
-def supervisor_config(tmp: Path, upstream_port: int, log_path: Path, **overrides: Any
-                      ) -> tuple[Path, int]:
-    """Write a daemon config for tests; returns (path, listen port)."""
-    port = free_port()
-    cfg: dict[str, Any] = {
-        "listen": {"host": "127.0.0.1", "port": port},
-        "upstream": {"url": f"http://127.0.0.1:{upstream_port}"},
-        "state_dir": str(tmp / "state"),
-        "log_source": {"type": "file", "path": str(log_path), "start_at": "start"},
-        "queue": {"process_interval_s": 0.05, "retry_delay_s": 0.2, "max_retry_delay_s": 1.0,
-                  "processing_timeout_s": 5},
-        "session": {"conflict_delay_s": 0.5},
-        "auth": {"mode": "tokens", "tokens": {INSTANCE: [TOKEN]}},
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            cfg.setdefault(key, {}).update(value)
-        else:
-            cfg[key] = value
-    path = tmp / f"supervisor-{port}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path, port
-
-
-def start_supervisor(children: list[Child], tmp: Path, config: Path, port: int,
-                     name: str = "supervisor", healthy_statuses: tuple[int, ...] = (200,)
-                     ) -> Child:
-    """Run ``python -m supervisor run`` and wait until its health answers one of
-    ``healthy_statuses`` (200: serving; add 503 for a daemon started into a fault)."""
-    child = Child([sys.executable, "-m", "supervisor", "run", "-c", str(config)],
-                  tmp / f"{name}.out", cwd=REPO)
-    children.append(child)
-
-    def healthy() -> bool:
-        if child.proc.poll() is not None:
-            raise AssertionError(f"supervisor exited {child.proc.returncode}:\n"
-                                 f"{child.output()[-3000:]}")
-        try:
-            status = http("GET", f"http://127.0.0.1:{port}/supervisor/health")[0]
-            return status in healthy_statuses
-        except OSError:
-            return False
-    wait_until(healthy, 20, "the supervisor to answer /supervisor/health")
-    return child
-
-
-def start_simulator(children: list[Child], tmp: Path, log_path: Path, *extra: str,
-                    log_format: str = "pino") -> tuple[Child, int]:
-    """Run ``python -m supervisor simulate`` on a free port; returns (child, port)."""
-    port = free_port()
-    child = Child([sys.executable, "-m", "supervisor", "simulate", "--port", str(port),
-                   "--log", str(log_path), "--format", log_format,
-                   "--instance", f"{INSTANCE}:{TOKEN}", *extra],
-                  tmp / f"simulator-{port}.out", cwd=REPO)
-    children.append(child)
-    child.wait_for_output("simulator listening on")
-    return child, port
+@pytest.fixture
+def stack(tmp_path: Path, children: list[Child]) -> Callable[..., RunningStack]:
+    """Start a simulator (its console in ``tmp_path/api-blast.log``) and a daemon following
+    it: ``stack(*simulator_args, log_format="pino", **config_overrides)``."""
+    def start(*sim_args: str, log_format: str = "pino", **overrides: Any) -> RunningStack:
+        log = tmp_path / "api-blast.log"
+        sim, sim_port = start_simulator(children, tmp_path, log, *sim_args,
+                                        log_format=log_format)
+        config, port = supervisor_config(tmp_path, sim_port, log, **overrides)
+        daemon = start_supervisor(children, tmp_path, config, port)
+        return RunningStack(sim, sim_port, daemon, port, config, log)
+    return start

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+from support.sending import acked_id, listing, message, send, sim, sim_sent, wait_delivered
+from support.stack import (
     INSTANCE,
     Child,
     http,
@@ -17,7 +18,6 @@ from conftest import (
     supervisor_config,
     wait_until,
 )
-from sending import acked_id, listing, message, send, sim, sim_sent, wait_delivered
 
 from supervisor.admin import bearer_problem
 

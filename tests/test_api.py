@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import INSTANCE, TOKEN, Child, http, start_supervisor, wait_until
-from monitoring_stack import INSTANCE2, TOKEN2, Stack, start_stack
+from support.monitoring import INSTANCE2, TOKEN2, Stack, start_stack
+from support.stack import INSTANCE, TOKEN, Child, http, start_supervisor, wait_until
 
 STATS_KEYS = {"delivered", "first_attempt", "retried", "dead", "finished", "attempts",
               "success_rate", "first_attempt_rate"}

@@ -13,17 +13,15 @@ from __future__ import annotations
 import sqlite3
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import (
+from support.stack import (
     INSTANCE,
     TOKEN,
-    Child,
+    RunningStack,
     http,
-    start_simulator,
-    start_supervisor,
-    supervisor_config,
     wait_until,
 )
 
@@ -52,16 +50,13 @@ def _delivered(sim_port: int) -> dict[str, float]:
     return {s["caption"]: s["t"] for s in sent}
 
 
-def test_only_the_dropped_instance_stays_held(tmp_path: Path, children: list[Child]) -> None:
+def test_only_the_dropped_instance_stays_held(tmp_path: Path,
+                                              stack: Callable[..., RunningStack]) -> None:
     """An unattributed 440 holds both instances; the probe releases the one that never
     dropped after the conflict delay; the dropped one delivers once it is back."""
-    log = tmp_path / "api-blast.log"
-    _, sim_port = start_simulator(children, tmp_path, log, "--instance",
-                                  f"{B}:{TOKEN_B}:{JID_B}", log_format="stock")
-    config, port = supervisor_config(
-        tmp_path, sim_port, log, session={"conflict_delay_s": CONFLICT_DELAY_S},
-        auth={"mode": "upstream"})
-    start_supervisor(children, tmp_path, config, port)
+    s = stack("--instance", f"{B}:{TOKEN_B}:{JID_B}", log_format="stock",
+              session={"conflict_delay_s": CONFLICT_DELAY_S}, auth={"mode": "upstream"})
+    sim_port, port = s.sim_port, s.port
 
     # 1. One send each: both delivered (the send is the probe of an unknown session); the
     #    token checks (auth.mode upstream) ask GET /instance, whose answer gives each jid.

@@ -11,7 +11,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import (
+from support.sending import (
+    acked_id,
+    health,
+    listing,
+    send,
+    sim,
+    sim_calls,
+    sim_sent,
+    wait_delivered,
+)
+from support.stack import (
     INSTANCE,
     REPO,
     TOKEN,
@@ -22,16 +32,6 @@ from conftest import (
     start_supervisor,
     supervisor_config,
     wait_until,
-)
-from sending import (
-    acked_id,
-    health,
-    listing,
-    send,
-    sim,
-    sim_calls,
-    sim_sent,
-    wait_delivered,
 )
 
 from supervisor.config import ConfigError, parse_config

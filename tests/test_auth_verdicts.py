@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from fakes import FakeClock
+from support.fakes import FakeClock
 
 from supervisor.auth import KEY_FILE, Answer, Authenticator, load_key, read_answer
 from supervisor.config import AuthConfig, UpstreamConfig

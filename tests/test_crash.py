@@ -15,14 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
-    Child,
-    start_simulator,
-    start_supervisor,
-    supervisor_config,
-    wait_until,
-)
-from sending import (
+from support.sending import (
     acked_id,
     listing,
     message,
@@ -31,6 +24,13 @@ from sending import (
     sim_calls,
     sim_sent,
     wait_delivered,
+)
+from support.stack import (
+    Child,
+    start_simulator,
+    start_supervisor,
+    supervisor_config,
+    wait_until,
 )
 
 KILLS = 22  # at least 20 are required

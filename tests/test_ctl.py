@@ -11,8 +11,8 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from conftest import INSTANCE, REPO, TOKEN, Child, free_port, wait_until
-from monitoring_stack import ADMIN, CHAT, INSTANCE2, Stack, start_stack
+from support.monitoring import ADMIN, CHAT, INSTANCE2, Stack, start_stack
+from support.stack import INSTANCE, REPO, TOKEN, Child, free_port, wait_until
 
 from supervisor.ctl import (
     RunResult,

@@ -18,8 +18,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import INSTANCE, Child, http
-from monitoring_stack import ADMIN, INSTANCE2, Stack, start_stack
+from support.monitoring import ADMIN, INSTANCE2, Stack, start_stack
+from support.stack import INSTANCE, Child, http
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import psutil
-from conftest import REPO
+from support.stack import REPO
 
 
 def test_demo_shows_full_supervised_delivery_and_leaves_no_process() -> None:

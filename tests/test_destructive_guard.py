@@ -8,28 +8,21 @@ The simulator and the daemon as processes; the simulator counts every call that 
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from conftest import (
+from support.stack import (
     INSTANCE,
     TOKEN,
-    Child,
+    RunningStack,
     http,
-    start_simulator,
-    start_supervisor,
-    supervisor_config,
     wait_until,
 )
 
 
 class Stack:
-    def __init__(self, tmp: Path, children: list[Child], **overrides: Any) -> None:
-        log = tmp / "api-blast.log"
-        _sim, self.sim_port = start_simulator(children, tmp, log)
-        config, self.port = supervisor_config(tmp, self.sim_port, log, **overrides)
-        start_supervisor(children, tmp, config, self.port)
-        self.base = f"http://127.0.0.1:{self.port}"
+    def __init__(self, running: RunningStack) -> None:
+        self.sim_port, self.port, self.base = running.sim_port, running.port, running.base
         wait_until(lambda: self.state() == "ready", 10, "the instance to be ready")
 
     def get(self, path: str) -> tuple[int, Any]:
@@ -59,8 +52,8 @@ class Stack:
         return total
 
 
-def test_logout_needs_the_instances_valid_token(tmp_path: Path, children: list[Child]) -> None:
-    s = Stack(tmp_path, children)
+def test_logout_needs_the_instances_valid_token(stack: Callable[..., RunningStack]) -> None:
+    s = Stack(stack())
     status, doc = s.get(f"/logout?instance_id={INSTANCE}")
     assert status == 401 and "access_token" in doc["message"]
     assert "proxy.guard_logout" in doc["message"]
@@ -85,9 +78,9 @@ def test_logout_needs_the_instances_valid_token(tmp_path: Path, children: list[C
     assert ("logout", INSTANCE, None) in listed
 
 
-def test_get_qrcode_is_refused_while_the_instance_is_ready(tmp_path: Path,
-                                                          children: list[Child]) -> None:
-    s = Stack(tmp_path, children)
+def test_get_qrcode_is_refused_while_the_instance_is_ready(
+        stack: Callable[..., RunningStack]) -> None:
+    s = Stack(stack())
     status, doc = s.get(f"/get_qrcode?instance_id={INSTANCE}&access_token={TOKEN}")
     assert status == 409, doc
     assert "force=1" in doc["message"] and "proxy.guard_qrcode" in doc["message"]
@@ -104,16 +97,16 @@ def test_get_qrcode_is_refused_while_the_instance_is_ready(tmp_path: Path,
     assert s.listed().count(("get_qrcode_refused", INSTANCE, 409)) == 2
 
 
-def test_get_qrcode_forced_on_a_ready_instance_goes_through(tmp_path: Path,
-                                                           children: list[Child]) -> None:
-    s = Stack(tmp_path, children)
+def test_get_qrcode_forced_on_a_ready_instance_goes_through(
+        stack: Callable[..., RunningStack]) -> None:
+    s = Stack(stack())
     status, _ = s.get(f"/get_qrcode?instance_id={INSTANCE}&access_token={TOKEN}&force=1")
     assert status == 200 and s.calls("get_qrcode") == 1
     assert ("get_qrcode", INSTANCE, None) in s.listed()
 
 
-def test_both_guards_can_be_switched_off(tmp_path: Path, children: list[Child]) -> None:
-    s = Stack(tmp_path, children, proxy={"guard_logout": False, "guard_qrcode": False})
+def test_both_guards_can_be_switched_off(stack: Callable[..., RunningStack]) -> None:
+    s = Stack(stack(proxy={"guard_logout": False, "guard_qrcode": False}))
     status, _ = s.get(f"/get_qrcode?instance_id={INSTANCE}&access_token={TOKEN}")
     assert status == 200 and s.calls("get_qrcode") == 1
     status, _ = s.get(f"/logout?instance_id={INSTANCE}")

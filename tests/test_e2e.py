@@ -10,7 +10,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from conftest import (
+from support.stack import (
     INSTANCE,
     REPO,
     TOKEN,
@@ -162,7 +162,7 @@ def test_node_upstream_keepalive_close_race_loses_nothing(
         tmp_path: Path, children: list[Child]) -> None:
     """Against a real Node http server (idle keep-alive sockets closed after 5 s), sends and
     pass-through calls made around the 5 s mark are all answered and delivered once."""
-    node = Child(["node", str(REPO / "tests" / "node_upstream.js"), "0"],
+    node = Child(["node", str(REPO / "tests" / "support" / "node_upstream.js"), "0"],
                  tmp_path / "node.out")
     children.append(node)
     out = node.wait_for_output("node upstream listening on")

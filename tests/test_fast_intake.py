@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeClock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.fakes import FakeClock
 
 from supervisor import events, prefilter
 from supervisor.attribution import Attributor

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES
+from support.stack import FIXTURES
 
 from supervisor import events, prefilter
 from supervisor.journal import Journal

@@ -5,20 +5,11 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import (
-    INSTANCE,
-    TOKEN,
-    Child,
-    http,
-    start_simulator,
-    start_supervisor,
-    supervisor_config,
-    wait_until,
-)
-from sending import (
+from support.sending import (
     FORM,
     SEND_PATH,
     acked_id,
@@ -30,28 +21,33 @@ from sending import (
     sim_sent,
     wait_delivered,
 )
+from support.stack import (
+    INSTANCE,
+    TOKEN,
+    Child,
+    RunningStack,
+    http,
+    start_supervisor,
+    wait_until,
+)
 
 OTHER = "68B2F3C55B019"
 OTHER_TOKEN = "b7e41c09d2a63"
 
 
-def _daemon(tmp_path: Path, children: list[Child], **overrides: Any) -> tuple[int, int, Path]:
-    log = tmp_path / "api-blast.log"
-    _sim, sim_port = start_simulator(children, tmp_path, log, "--instance",
-                                     f"{OTHER}:{OTHER_TOKEN}")
+def _daemon(stack: Callable[..., RunningStack], **overrides: Any) -> tuple[int, int, Path]:
     overrides.setdefault("auth", {"mode": "tokens",
                                   "tokens": {INSTANCE: [TOKEN],
                                              OTHER: [OTHER_TOKEN]}})
-    config, port = supervisor_config(tmp_path, sim_port, log, **overrides)
-    start_supervisor(children, tmp_path, config, port)
-    return port, sim_port, config
+    s = stack("--instance", f"{OTHER}:{OTHER_TOKEN}", **overrides)
+    return s.port, s.sim_port, s.config
 
 
 def test_same_key_same_body_gets_the_first_answer_and_one_send(
-        tmp_path: Path, children: list[Child]) -> None:
+        stack: Callable[..., RunningStack]) -> None:
     """A retry with the same key and body gets the same message id and the very answer the
     first request got (marked Idempotent-Replayed), and api-blast receives one send."""
-    port, sim_port, _ = _daemon(tmp_path, children)
+    port, sim_port, _ = _daemon(stack)
     first = send(port, "hello", key="order-1")
     mid = acked_id(*first)
     assert first[0] == 200
@@ -66,10 +62,10 @@ def test_same_key_same_body_gets_the_first_answer_and_one_send(
 
 
 def test_queued_answer_is_replayed_even_after_delivery(
-        tmp_path: Path, children: list[Child]) -> None:
+        stack: Callable[..., RunningStack]) -> None:
     """A send held during a conflict answers 202; a retry with its key gets that same 202
     answer, before and after the message was delivered, and it is delivered once."""
-    port, sim_port, _ = _daemon(tmp_path, children, session={"conflict_delay_s": 0.5})
+    port, sim_port, _ = _daemon(stack, session={"conflict_delay_s": 0.5})
     sim(sim_port, "drop", code=440, reconnect_ms=1500)
     wait_until(lambda: http("GET", f"http://127.0.0.1:{port}/supervisor/instances")[2]
                ["instances"][0]["session"]["state"] == "conflict", 10, "the conflict hold")
@@ -84,10 +80,11 @@ def test_queued_answer_is_replayed_even_after_delivery(
     assert [s["caption"] for s in sim_sent(sim_port)] == ["held"]
 
 
-def test_same_key_different_body_is_422(tmp_path: Path, children: list[Child]) -> None:
+def test_same_key_different_body_is_422(
+        stack: Callable[..., RunningStack]) -> None:
     """Reusing a key for another body is refused with 422 naming the first message, and
     nothing new is stored or sent."""
-    port, sim_port, _ = _daemon(tmp_path, children)
+    port, sim_port, _ = _daemon(stack)
     mid = acked_id(*send(port, "one", key="k1"))
     status, _, doc = send(port, "two", key="k1")
     assert status == 422, doc
@@ -97,9 +94,10 @@ def test_same_key_different_body_is_422(tmp_path: Path, children: list[Child]) -
     assert [s["caption"] for s in sim_sent(sim_port)] == ["one"]
 
 
-def test_keys_belong_to_one_instance(tmp_path: Path, children: list[Child]) -> None:
+def test_keys_belong_to_one_instance(
+        stack: Callable[..., RunningStack]) -> None:
     """The same key on two instances names two different messages."""
-    port, sim_port, _ = _daemon(tmp_path, children)
+    port, sim_port, _ = _daemon(stack)
     a = acked_id(*send(port, "same", key="shared"))
     b = acked_id(*send(port, "same", f"/send_message?instance_id={OTHER}"
                                      f"&access_token={OTHER_TOKEN}", key="shared"))
@@ -108,10 +106,10 @@ def test_keys_belong_to_one_instance(tmp_path: Path, children: list[Child]) -> N
 
 
 def test_concurrent_requests_with_one_key_send_once(
-        tmp_path: Path, children: list[Child]) -> None:
+        stack: Callable[..., RunningStack]) -> None:
     """Twenty concurrent requests with one key: each gets the one message id or a 409 asking
     to retry, and api-blast receives exactly one send."""
-    port, sim_port, _ = _daemon(tmp_path, children)
+    port, sim_port, _ = _daemon(stack)
     sim(sim_port, "fail", mode="hang", count=1, hang_ms=400)  # keep the first one in flight
     results: list[tuple[int, dict[str, str], Any]] = []
     lock = threading.Lock()
@@ -143,10 +141,11 @@ def test_concurrent_requests_with_one_key_send_once(
     assert len(listing(port)) == 1
 
 
-def test_key_in_progress_is_409_then_answered(tmp_path: Path, children: list[Child]) -> None:
+def test_key_in_progress_is_409_then_answered(
+        stack: Callable[..., RunningStack]) -> None:
     """While the first request with a key is still being handled, the same key gets 409 with
     Retry-After; once it is answered, the retry gets that answer."""
-    port, sim_port, _ = _daemon(tmp_path, children)
+    port, sim_port, _ = _daemon(stack)
     sim(sim_port, "fail", mode="hang", count=1, hang_ms=1500)
     first: list[tuple[int, dict[str, str], Any]] = []
     t = threading.Thread(target=lambda: first.append(send(port, "slow", key="k-slow")))
@@ -163,10 +162,10 @@ def test_key_in_progress_is_409_then_answered(tmp_path: Path, children: list[Chi
 
 
 def test_keys_survive_a_restart_and_expire_after_ttl(
-        tmp_path: Path, children: list[Child]) -> None:
+        tmp_path: Path, children: list[Child], stack: Callable[..., RunningStack]) -> None:
     """A key answers the same after a daemon restart; after idempotency.ttl_s it is
     forgotten and the same key makes a new message."""
-    port, sim_port, config = _daemon(tmp_path, children, idempotency={"ttl_s": 3.0})
+    port, sim_port, config = _daemon(stack, idempotency={"ttl_s": 3.0})
     first = send(port, "kept", key="k-restart")
     mid = acked_id(*first)
     children[-1].stop(signal.SIGTERM)
@@ -181,10 +180,10 @@ def test_keys_survive_a_restart_and_expire_after_ttl(
     assert [s["caption"] for s in sim_sent(sim_port)] == ["kept", "kept"]
 
 
-def test_bad_keys_are_refused_before_the_journal(tmp_path: Path,
-                                                 children: list[Child]) -> None:
+def test_bad_keys_are_refused_before_the_journal(
+        stack: Callable[..., RunningStack]) -> None:
     """An empty, overlong or non-ASCII key is a 400 naming the header; nothing is stored."""
-    port, _sim_port, _ = _daemon(tmp_path, children)
+    port, _sim_port, _ = _daemon(stack)
     url = f"http://127.0.0.1:{port}{SEND_PATH}"
     for key in ("", "x" * 256, "caf\u00e9".encode().decode("latin-1")):
         status, _, doc = http("POST", url, form("x"), {**FORM, "Idempotency-Key": key})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, Child, free_port, http, start_simulator, wait_until
+from support.stack import REPO, Child, free_port, http, start_simulator, wait_until
 
 from supervisor.cli import main
 from supervisor.config import load_config

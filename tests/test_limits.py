@@ -15,17 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import (
-    INSTANCE,
-    TOKEN,
-    Child,
-    http,
-    start_simulator,
-    start_supervisor,
-    supervisor_config,
-    wait_until,
-)
-from sending import (
+from support.sending import (
     FORM,
     SEND_PATH,
     acked_id,
@@ -36,6 +26,16 @@ from sending import (
     send,
     sim,
     wait_delivered,
+)
+from support.stack import (
+    INSTANCE,
+    TOKEN,
+    Child,
+    http,
+    start_simulator,
+    start_supervisor,
+    supervisor_config,
+    wait_until,
 )
 
 ADMIN = "admin-token-for-limits"

@@ -14,7 +14,8 @@ import hypothesis
 import hypothesis.strategies as st
 import pytest
 import yaml
-from conftest import (
+from prometheus_client.parser import text_string_to_metric_families
+from support.stack import (
     INSTANCE,
     REPO,
     TOKEN,
@@ -25,7 +26,6 @@ from conftest import (
     supervisor_config,
     wait_until,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.events import ATTRIBUTION_ID, Event, EventKind
 from supervisor.health import Health

@@ -8,7 +8,17 @@ import sqlite3
 import time
 from pathlib import Path
 
-from conftest import (
+from support.sending import (
+    SEND_PATH,
+    acked_id,
+    form,
+    listing,
+    message,
+    send,
+    sim_sent,
+    wait_delivered,
+)
+from support.stack import (
     INSTANCE,
     TOKEN,
     Child,
@@ -16,7 +26,6 @@ from conftest import (
     start_supervisor,
     supervisor_config,
 )
-from sending import SEND_PATH, acked_id, form, listing, message, send, sim_sent, wait_delivered
 
 from supervisor.journal import JOURNAL_FILE
 from supervisor.journal.schema import _SCHEMA_VERSION

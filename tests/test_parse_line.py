@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import FIXTURES, REPO
+from support.stack import FIXTURES, REPO
 
 
 def _run(args: list[str], data: bytes, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:

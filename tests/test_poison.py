@@ -15,7 +15,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from conftest import (
+from support.sending import FORM, listing, message, sim, sim_sent
+from support.stack import (
     INSTANCE,
     TOKEN,
     Child,
@@ -25,7 +26,6 @@ from conftest import (
     supervisor_config,
     wait_until,
 )
-from sending import FORM, listing, message, sim, sim_sent
 
 BAD_MEDIA = "http://127.0.0.1:9/404/brochure.pdf"  # the simulator cannot fetch a /404 path
 BAD_CHAT = "not-a-number"  # no '@': not a jid Baileys can send to

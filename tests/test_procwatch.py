@@ -10,7 +10,8 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from conftest import (
+from support.fakes import FakeClock
+from support.stack import (
     INSTANCE,
     REPO,
     TOKEN,
@@ -21,7 +22,6 @@ from conftest import (
     supervisor_config,
     wait_until,
 )
-from fakes import FakeClock
 
 from supervisor.config import ProcessConfig
 from supervisor.procwatch import (
@@ -38,7 +38,7 @@ from supervisor.procwatch import (
     upstream_port,
 )
 
-NODE_UPSTREAM = REPO / "tests" / "node_upstream.js"
+NODE_UPSTREAM = REPO / "tests" / "support" / "node_upstream.js"
 
 
 def proc(pid: int, cmdline: str, cwd: str | None = "/opt/api-blast", t: float = 0.0,

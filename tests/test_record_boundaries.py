@@ -13,9 +13,9 @@ import itertools
 from functools import cache
 
 import pytest
-from conftest import FIXTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.stack import FIXTURES
 
 from supervisor import events
 from supervisor.events import EventKind

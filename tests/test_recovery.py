@@ -18,7 +18,8 @@ from typing import Any
 import psutil
 import pytest
 from aiohttp import web
-from conftest import (
+from support.fakes import FakeClock
+from support.stack import (
     INSTANCE,
     TOKEN,
     Child,
@@ -29,7 +30,6 @@ from conftest import (
     supervisor_config,
     wait_until,
 )
-from fakes import FakeClock
 
 from supervisor.auth import Authenticator
 from supervisor.config import (

@@ -1,5 +1,5 @@
 """The byte-level pass-through relay (supervisor/relay.py), against real servers: the daemon
-in a child process, a Node upstream (tests/relay_upstream.js), raw sockets as the client.
+in a child process, a Node upstream (tests/support/relay_upstream.js), raw sockets as the client.
 
 Answers relayed by the relay carry no ``Server`` header (Node sends none); answers given by
 aiohttp (a connection handed over) carry aiohttp's: that is how a test knows which side
@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import (
+from support.stack import (
     INSTANCE,
     REPO,
     TOKEN,
@@ -36,7 +36,7 @@ from conftest import (
 
 from supervisor import relay
 
-UPSTREAM_JS = REPO / "tests" / "relay_upstream.js"
+UPSTREAM_JS = REPO / "tests" / "support" / "relay_upstream.js"
 PASS_THROUGH_TIMEOUT_S = 1.5
 
 
@@ -430,82 +430,6 @@ def test_unreachable_upstream_is_502(tmp_path: Path, children: list[Child]) -> N
     conn.close()
 
 
-# ---------------------------------------------------------------------- the parsers alone
-
-def _parse(head: bytes) -> relay.Request | relay.Reject | None:
-    return relay.parse_request(head, b"Host: up:8000", b"", {b"/supervisor/health"}.__contains__)
-
-
-def test_plain_heads_are_relayed_and_rewritten() -> None:
-    req = _parse(b"POST /a?x=%2F HTTP/1.1\r\nHost: c\r\nContent-Length: 3\r\nX-A: 1\r\n"
-                 b"Connection: keep-alive, X-B\r\nX-B: 2\r\nKeep-Alive: 5")
-    assert isinstance(req, relay.Request)
-    assert req.body_length == 3 and not req.chunked and not req.close
-    assert req.head == (b"POST /a?x=%2F HTTP/1.1\r\nContent-Length: 3\r\nX-A: 1\r\n"
-                        b"Host: up:8000\r\n\r\n")
-    req = _parse(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close")
-    assert isinstance(req, relay.Request) and req.chunked and req.close
-    assert req.head == b"GET / HTTP/1.1\r\nHost: up:8000\r\n\r\n"  # its length comes later
-    req = _parse(b"GET /a HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-                 b"HTTP2-Settings: AAMAAABk")
-    assert isinstance(req, relay.Request)
-    assert req.head == b"GET /a HTTP/1.1\r\nHost: up:8000\r\n\r\n", "no upgrade goes upstream"
-
-
-@pytest.mark.parametrize("head", [
-    b"GET /supervisor/health HTTP/1.1",  # the application routes it itself
-    b"GET / HTTP/1.0",
-    b"get / HTTP/1.1",
-    b"GET http://x/ HTTP/1.1",
-    b"GET /a%2Fb HTTP/1.1",  # aiohttp's router sees the decoded path
-    b"GET /a/../supervisor/health HTTP/1.1",  # and the normalised one
-    b"GET //x HTTP/1.1",
-    b"GET /x? HTTP/1.1",
-    b"POST / HTTP/1.1\r\nExpect: 100-continue",
-    b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1",
-    b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked",
-    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
-    b"POST / HTTP/1.1\r\nContent-Length: -1",
-    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b",
-    b"GET / HTTP/1.1\r\nX-A : 1",
-    b"GET / HTTP/1.1\r\n folded",
-    b"GET / HTTP/1.1\r\nX-A: caf\xc3\xa9",
-])
-def test_unusual_heads_are_handed_to_aiohttp(head: bytes) -> None:
-    assert _parse(head) is None
-
-
-@pytest.mark.parametrize(("head", "status"), [
-    (b"GET / HTTP/1.1\nHost: x", 400),
-    (b"GET / HTTP/1.1\r\nHost: x\nX-A: 1", 400),
-    (b"GET /supervisor/health HTTP/1.1\r\nHost: x\nX-A: 1", 400),  # aiohttp's route too
-    (b"GET / HTTP/2.0\r\nHost: x", 505),
-    (b"GET / HTTP/0.9", 505),
-    (b"GET /supervisor/health HTTP/3", 505),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip", 501),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked", 501),
-    (b"POST /supervisor/health HTTP/1.1\r\nTransfer-Encoding: br", 501),
-])
-def test_unreadable_framing_is_refused(head: bytes, status: int) -> None:
-    """Framing the relay cannot read safely is answered at once and never forwarded."""
-    req = _parse(head)
-    assert isinstance(req, relay.Reject) and req.status == status, req
-    assert "send" in req.message or "CRLF" in req.message
-
-
-def test_chunked_decoder_finds_the_end_in_any_split() -> None:
-    body = b"5;e=1\r\nhello\r\n6\r\n world\r\n0\r\nT: x\r\n\r\nNEXT"
-    for cut in range(1, len(body)):
-        dec, out = relay.ChunkedDecoder(), []
-        used = dec.feed(body[:cut], out.append)
-        if not dec.done:
-            assert used == cut
-            used = cut + dec.feed(body[cut:], out.append)
-        assert dec.done and body[used:] == b"NEXT" and b"".join(out) == b"hello world"
-    with pytest.raises(ValueError, match="chunk size"):
-        relay.ChunkedDecoder().feed(b"zz\r\n", [].append)
-
-
 def test_long_head_split_across_reads_is_handed_over_whole(stack: Stack, conn: Conn) -> None:
     """A head longer than relay.MAX_HEAD whose first read holds no end of head: every byte
     of it reaches aiohttp (none is dropped on the hand-over)."""
@@ -672,11 +596,3 @@ def test_read_route_answers_are_relayed_and_learnt_from(tmp_path: Path,
     got = readies()
     assert got.get(cases["length"]) == "jid" and got.get(cases["chunked"]) == "jid", got
     assert got.get(cases["cut"]) != "jid" and got.get(cases["big"]) != "jid", got
-
-
-@pytest.mark.parametrize(("path", "route"), [
-    (b"/instance", b"/instance"), (b"/Instance/", b"/instance"), (b"/GET_GROUPS", b"/get_groups"),
-    (b"/", b"/"), (b"/instance//", b"/instance/"),
-])
-def test_route_of_is_expresss_matching(path: bytes, route: bytes) -> None:
-    assert relay.route_of(path) == route

@@ -6,19 +6,18 @@ from __future__ import annotations
 import signal
 import threading
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import (
+from support.stack import (
     INSTANCE,
     TOKEN,
     Child,
+    RunningStack,
     http,
-    start_simulator,
-    start_supervisor,
-    supervisor_config,
     wait_until,
 )
 
@@ -47,13 +46,11 @@ def reloaded(child: Child, n: int, text: str = "configuration reloaded") -> None
 
 
 def test_reload_applies_a_new_limit_and_a_broken_file_keeps_the_old_one(
-        tmp_path: Path, children: list[Child]) -> None:
+        tmp_path: Path, stack: Callable[..., RunningStack]) -> None:
     """A reload changes max_queue_size while a send is in flight; a broken file is refused;
     every acknowledged message is delivered exactly once."""
-    log = tmp_path / "api-blast.log"
-    sim, sim_port = start_simulator(children, tmp_path, log)
-    cfg, port = supervisor_config(tmp_path, sim_port, log, queue={"max_queue_size": 2})
-    sup = start_supervisor(children, tmp_path, cfg, port)
+    s = stack(queue={"max_queue_size": 2})
+    sim, sim_port, cfg, port, sup = s.sim, s.sim_port, s.config, s.port, s.daemon
     sim_url = f"http://127.0.0.1:{sim_port}"
 
     # 1. A send is in flight (api-blast answers after 1.5 s) while the file changes and SIGHUP
@@ -107,12 +104,10 @@ def test_reload_applies_a_new_limit_and_a_broken_file_keeps_the_old_one(
     assert sim.proc.poll() is None
 
 
-def test_reload_changes_the_health_thresholds(tmp_path: Path, children: list[Child]) -> None:
+def test_reload_changes_the_health_thresholds(stack: Callable[..., RunningStack]) -> None:
     """A reloaded monitoring band changes the health verdict of the same figures."""
-    log = tmp_path / "api-blast.log"
-    _sim, sim_port = start_simulator(children, tmp_path, log)
-    cfg, port = supervisor_config(tmp_path, sim_port, log)
-    sup = start_supervisor(children, tmp_path, cfg, port)
+    s = stack()
+    sim_port, cfg, port, sup = s.sim_port, s.config, s.port, s.daemon
     http("POST", f"http://127.0.0.1:{sim_port}/_sim/drop?instance_id={INSTANCE}&code=440"
                  f"&reconnect_ms=60000", b"")
     wait_until(lambda: http("GET", f"http://127.0.0.1:{port}/supervisor/instances")[2]

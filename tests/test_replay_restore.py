@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from fakes import FakeClock, settle_lanes
+from support.fakes import FakeClock, settle_lanes
 
 from supervisor.api import lane_depths
 from supervisor.config import QueueConfig, SessionConfig

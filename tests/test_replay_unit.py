@@ -6,7 +6,7 @@ import math
 from typing import Any, cast
 
 import pytest
-from fakes import FakeClock
+from support.fakes import FakeClock
 
 from supervisor.backoff import next_delay_s
 from supervisor.config import QueueConfig, SessionConfig

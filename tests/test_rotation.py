@@ -19,7 +19,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import INSTANCE, Child, free_port, start_supervisor, supervisor_config, wait_until
+from support.stack import (
+    INSTANCE,
+    Child,
+    free_port,
+    start_supervisor,
+    supervisor_config,
+    wait_until,
+)
 
 LINES = 1500
 INTERVAL_S = 0.002  # the writer's pace: about 3 s of writing

@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import (
+from support.sending import FORM, form, listing, sim_calls, wait_delivered
+from support.stack import (
     INSTANCE,
     TOKEN,
     Child,
@@ -32,9 +33,8 @@ from conftest import (
     start_supervisor,
     supervisor_config,
 )
-from sending import FORM, form, listing, sim_calls, wait_delivered
 
-from supervisor import relay
+from supervisor import http1
 from supervisor.proxy import loose_pattern
 from supervisor.validation import Problem, decode_uri_component, express_query, qs_name
 
@@ -120,8 +120,8 @@ def _relayed(target: str) -> bytes | None:
         text = path.decode("ascii")
         return (path in (b"/send_message", b"/supervisor/messages")
                 or any(p.fullmatch(text) for p in (SEND, VARIANT)))
-    req = relay.parse_request(f"POST {target} HTTP/1.1\r\nContent-Length: 0".encode(),
-                              b"Host: up", b"", is_local)
+    req = http1.parse_request(f"POST {target} HTTP/1.1\r\nHost: c\r\nContent-Length: 0"
+                              .encode(), b"Host: up", b"", is_local)
     return None if req is None else req.head
 
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import INSTANCE, Child, free_port, http, start_supervisor, supervisor_config
+from support.stack import INSTANCE, Child, free_port, http, start_supervisor, supervisor_config
 
 from supervisor import journal as journal_mod
 from supervisor.config import SessionConfig

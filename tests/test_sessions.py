@@ -263,7 +263,8 @@ SCENARIOS = [
 
 @pytest.mark.parametrize("steps", SCENARIOS)
 def test_scenario(steps: list[Step]) -> None:
-    """The gate and the state follow the documented session rules through each sequence of signals."""
+    """The gate and the state follow the documented session rules through each sequence of
+    signals."""
     _run(steps)
 
 

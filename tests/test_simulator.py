@@ -1112,8 +1112,8 @@ async def test_simulate_process_honours_failure_flags(
 async def test_node_upstream_delivers_and_lists_sent(http: aiohttp.ClientSession) -> None:
     """The Node stand-in answers the delivered shape to an urlencoded send and lists it."""
     proc = await asyncio.create_subprocess_exec(
-        "node", str(ROOT / "tests" / "node_upstream.js"), "0", stdout=asyncio.subprocess.PIPE
-    )
+        "node", str(ROOT / "tests" / "support" / "node_upstream.js"), "0",
+        stdout=asyncio.subprocess.PIPE)
     try:
         line = await read_line_with(proc, "node upstream listening on")
         base = line.split()[-1]

@@ -22,7 +22,8 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import (
+from support.fakes import FakeClock
+from support.stack import (
     FIXTURES,
     INSTANCE,
     REPO,
@@ -34,7 +35,6 @@ from conftest import (
     supervisor_config,
     wait_until,
 )
-from fakes import FakeClock
 
 from supervisor import events
 from supervisor.attribution import Attributor

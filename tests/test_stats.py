@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from fakes import FakeClock
+from support.fakes import FakeClock
 
 from supervisor.journal import JOURNAL_FILE, Journal, schema
 from supervisor.rows import MessageState, NewMessage, Progress

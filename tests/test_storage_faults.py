@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+from support.sending import acked_id, health, journal_rows, listing, send, sim_sent, wait_delivered
+from support.stack import (
     REPO,
     Child,
     free_port,
@@ -34,7 +35,6 @@ from conftest import (
     supervisor_config,
     wait_until,
 )
-from sending import acked_id, health, journal_rows, listing, send, sim_sent, wait_delivered
 
 JOURNAL = "journal.sqlite3"
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
+from support.stack import (
     INSTANCE,
     REPO,
     Child,

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from support.stack import REPO
 
 from supervisor.cli import EXIT_CONFIG
 

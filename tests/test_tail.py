@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes import FakeClock
+from support.fakes import FakeClock
 
 from supervisor.rows import TailPosition
 from supervisor.sources import Batch

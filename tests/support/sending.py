@@ -8,7 +8,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from conftest import INSTANCE, TOKEN, http, wait_until
+from support.stack import INSTANCE, TOKEN, http, wait_until
 
 SEND_PATH = f"/send_message?instance_id={INSTANCE}&access_token={TOKEN}"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}

@@ -1,7 +1,7 @@
 """A simulator and a daemon started together, for the monitoring tests (API, tools, dashboard).
 
 Two simulated instances with pino output (every line carries its instance id), the daemon in
-front of them with an admin token. Child processes are started with conftest's helpers.
+front of them with an admin token. Child processes are started with support.stack's helpers.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conftest import (
+from support.stack import (
     INSTANCE,
     TOKEN,
     Child,
