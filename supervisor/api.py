@@ -60,12 +60,8 @@ class Api:
                  sections: Mapping[str, Callable[[], Any]] | None = None,
                  is_paused: Callable[[str], bool] | None = None,
                  duplicate_pids: Callable[[], tuple[int, ...]] | None = None) -> None:
-        self.cfg = cfg
-        self.journal = journal
-        self.sessions = sessions
-        self.replayer = replayer
-        self.auth = auth
-        self.clock = clock
+        self.cfg, self.journal, self.sessions = cfg, journal, sessions
+        self.replayer, self.auth, self.clock = replayer, auth, clock
         self.started_at = clock.time()
         # component -> what is wrong (the owner's health registry, shared with it)
         self.failing: dict[str, str] = failing if failing is not None else {}

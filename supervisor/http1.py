@@ -132,13 +132,10 @@ def parse_request(head: bytes, host_line: bytes, prefix: bytes,
         m = _HEADER.fullmatch(line)
         if m is None:
             return None
-        name = m.group(1).lower()
-        kind = _REQUEST_SPECIAL.get(name)
+        kind = _REQUEST_SPECIAL.get(name := m.group(1).lower())
         if kind is None:
-            if name in _SINGLETONS:
-                if name in seen:
-                    return None  # aiohttp refuses a second one (400): its answer, not ours
-                seen.add(name)
+            if name in _SINGLETONS and not _first(name, seen):
+                return None  # aiohttp refuses a second one (400): its answer, not ours
             keep.append(line)
         elif kind == _R_CL:
             value = m.group(2).strip(b" \t")
@@ -166,17 +163,29 @@ def parse_request(head: bytes, host_line: bytes, prefix: bytes,
     if conn is not None:
         named = named_tokens(conn)
         close = b"close" in named
-        named -= {b"close", b"keep-alive"}
-        if named:
-            if b"content-length" in named:
-                return None
-            keep = [keep[0], *(ln for ln in keep[1:]
-                               if ln[:ln.index(b":")].lower() not in named)]
+        if b"content-length" in named:
+            return None
+        keep = _without_named(keep, named - {b"close", b"keep-alive"})
     # A chunked body is read whole before anything goes upstream (a broken one is answered
     # 400 and never forwarded); it then goes with a Content-Length (see ClientConn).
     keep.append(host_line)
     keep.append(b"\r\n")
     return Request(method, b"\r\n".join(keep), max(length, 0), chunked, close, target)
+
+
+def _first(name: bytes, seen: set[bytes]) -> bool:
+    """Whether ``name`` is seen for the first time (it is noted in ``seen``)."""
+    if name in seen:
+        return False
+    seen.add(name)
+    return True
+
+
+def _without_named(keep: list[bytes], named: set[bytes]) -> list[bytes]:
+    """The head lines without the headers ``Connection`` names (hop-by-hop for this hop)."""
+    if not named:
+        return keep
+    return [keep[0], *(ln for ln in keep[1:] if ln[:ln.index(b":")].lower() not in named)]
 
 
 def _unsupported_coding(value: bytes) -> Reject:

@@ -282,11 +282,6 @@ class ProcessStats:
     restarts: int = 0
     duplicate_stops: int = 0
 
-    def __repr__(self) -> str:
-        return (f"ProcessStats(scans={self.scans}, quick_looks={self.quick_looks}, "
-                f"restarts={self.restarts}, "
-                f"duplicate_stops={self.duplicate_stops})")
-
 
 class ProcessWatcher:
     """Looks at the process table every ``process.interval_s``."""

@@ -156,12 +156,8 @@ class Proxy:
     def __init__(self, cfg: Config, journal: Journal, replayer: Replayer, upstream: Upstream,
                  auth: Authenticator, clock: Clock, *, on_guard: GuardNote | None = None,
                  on_logged_out: Callable[[str], None] | None = None) -> None:
-        self.cfg = cfg
-        self.journal = journal
-        self.replayer = replayer
-        self.upstream = upstream
-        self.auth = auth
-        self.clock = clock
+        self.cfg, self.journal, self.replayer = cfg, journal, replayer
+        self.upstream, self.auth, self.clock = upstream, auth, clock
         self._id_pattern = re.compile(cfg.limits.instance_id_pattern)
         self._ids = MessageIds()
         # Guarded routes read at startup only (a reload keeps the listener's routes).

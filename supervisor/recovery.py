@@ -144,11 +144,6 @@ class RecoveryStats:
     liveness_failures: int = 0
     child_restarts: int = 0
 
-    def __repr__(self) -> str:
-        return (f"RecoveryStats(nudges={self.nudges}, nudge_errors={self.nudge_errors}, "
-                f"liveness_failures={self.liveness_failures}, "
-                f"child_restarts={self.child_restarts})")
-
 
 @dataclass(slots=True)
 class _Track:
@@ -172,12 +167,8 @@ class Recovery:
     def __init__(self, cfg: RecoveryConfig, session_cfg: SessionConfig, sessions: Sessions,
                  upstream: Upstream, auth: Authenticator, clock: Clock,
                  restart_child: RestartFn | None = None) -> None:
-        self.cfg = cfg
-        self.session_cfg = session_cfg
-        self.sessions = sessions
-        self.upstream = upstream
-        self.auth = auth
-        self.clock = clock
+        self.cfg, self.session_cfg, self.sessions = cfg, session_cfg, sessions
+        self.upstream, self.auth, self.clock = upstream, auth, clock
         self.restart_child = restart_child
         self.stats = RecoveryStats()
         self.api_blast = ApiBlastState.UNKNOWN

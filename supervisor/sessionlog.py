@@ -45,12 +45,8 @@ class SessionLog:
     def __init__(self, parser: ParserConfig, sessions: Sessions, replayer: Replayer,
                  journal: Journal, metrics: Metrics, clock: Clock,
                  jids: Callable[[], Mapping[str, str]]) -> None:
-        self.parser = parser
-        self.sessions = sessions
-        self.replayer = replayer
-        self.journal = journal
-        self.metrics = metrics
-        self.clock = clock
+        self.parser, self.sessions, self.replayer = parser, sessions, replayer
+        self.journal, self.metrics, self.clock = journal, metrics, clock
         self._jids = jids  # instance → phone jid, as the token checker learnt them
         self.attributor = Attributor(parser.attribution, parser.adjacent_records,
                                      parser.adjacent_window_s)

@@ -83,16 +83,10 @@ class Intake:
                  on_unattributed: Apply | None = None,
                  on_record_needles: Sequence[str] | None = None,
                  fast_path: bool = True, position_delay_s: float = 0.0) -> None:
-        self.cfg = cfg
-        self.rules = rules
-        self.attributor = attributor
+        self.cfg, self.rules, self.attributor = cfg, rules, attributor
         self._prefix = re.compile(cfg.line_prefix) if cfg.line_prefix else None
-        self._context = context
-        self._apply = apply
-        self._commit = commit
-        self._clock = clock
-        self._on_record = on_record
-        self._on_unattributed = on_unattributed
+        self._context, self._apply, self._commit, self._clock = context, apply, commit, clock
+        self._on_record, self._on_unattributed = on_record, on_unattributed
         # With these, ``on_record`` only needs the records holding one of them (the others
         # may be passed over by the fast path); without them it gets every record.
         self._on_record_needles = tuple(on_record_needles) if on_record_needles else None
