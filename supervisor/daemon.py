@@ -6,13 +6,11 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client.core import Metric
-from prometheus_client.registry import Collector
 
 from . import events
 from .admin import Admin
@@ -23,7 +21,7 @@ from .clock import Clock, SystemClock
 from .config import Config, ConfigError, reload_plan, validate
 from .housekeeping import Housekeeper
 from .journal import Journal, JournalError
-from .metrics import Metrics
+from .metrics import Metrics, ReadAtScrape
 from .prefilter import PARSE_ERROR_NEEDLES
 from .proxy import VERDICT_ROUTES, Proxy, framing_guard
 from .recovery import Recovery
@@ -33,13 +31,9 @@ from .rows import MessageRow, MessageState, Progress, TailPosition
 from .sendclient import SendResult
 from .sessionlog import SessionLog
 from .sessions import Sessions, SessionState
-from .sources import Batch, Source
+from .sources import Batch, Source, open_source
 from .sources.command import CommandSource
-from .sources.file import FileSource
 from .sources.intake import Intake
-from .sources.journald import JournaldSource
-from .sources.journald import stream_name as journald_stream
-from .sources.stdin import StdinSource
 from .stats import Stats, overall
 from .systemd import Notifier, NullNotifier, status_line
 from .testhooks import add_test_hooks
@@ -57,28 +51,6 @@ OUTCOME_PRUNE_S = 60.0  # how often outcomes older than monitoring.window_s are 
 # A log position that moved past lines giving no session change is committed within this
 # delay, not at once (one journal transaction per send dump saved under load).
 POSITION_DELAY_S = 1.0
-
-class ChildProcess(Protocol):
-    """A log source that runs api-blast itself (``log_source.type: command``)."""
-
-    async def restart(self, reason: str) -> None:
-        """Stop the child and start it again."""
-
-    def kill_now(self) -> None:
-        """Kill the child at once (exiting without an orderly shutdown)."""
-
-
-class _ServiceMetrics(Collector):
-    """Process watching and recovery figures, read at scrape time."""
-
-    def __init__(self, procwatch: ProcessWatcher | None, recovery: Recovery) -> None:
-        self.procwatch, self.recovery = procwatch, recovery
-
-    def collect(self) -> Iterable[Metric]:
-        yield from self.recovery.metrics()
-        if self.procwatch is not None:
-            yield from self.procwatch.metrics()
-
 
 def replayer_total(replayer: Replayer | None) -> int:
     """Messages waiting or in flight (0 before startup)."""
@@ -100,7 +72,7 @@ class Supervisor:
         self.test_hooks = test_hooks
         self.procwatch: ProcessWatcher | None = None
         self.recovery: Recovery | None = None
-        self.child: ChildProcess | None = None  # set by the command log source
+        self.child: CommandSource | None = None  # the command log source: api-blast itself
         self.components: dict[str, asyncio.Task[Any]] = {}  # loops that must run until stop
         self.reloads = 0
         self._reload_lock = asyncio.Lock()
@@ -296,7 +268,7 @@ class Supervisor:
             # The log source: its batches go through the intake, which commits session
             # changes together with the position they were read up to.
             self.intake = intake = self._make_intake()
-            self.source = source = self._make_source()
+            self.source = source = open_source(self.cfg, self._load_position, self.clock)
             if isinstance(source, CommandSource):
                 self.child = source
             tg.create_task(intake.run_timers(), name="record-timers")
@@ -360,7 +332,10 @@ class Supervisor:
         restart = self._restart_child if cfg.log_source.type == "command" else None
         self.recovery = Recovery(cfg.recovery, cfg.session, self.sessions, self.upstream,
                                  self.auth, self.clock, restart)
-        self.metrics.registry.register(_ServiceMetrics(self.procwatch, self.recovery))
+        providers = [self.recovery.metrics]
+        if self.procwatch is not None:
+            providers.append(self.procwatch.metrics)
+        self.metrics.registry.register(ReadAtScrape(providers))
 
     async def _restart_child(self, reason: str) -> None:
         if self.child is None:
@@ -585,19 +560,6 @@ class Supervisor:
                       on_record=lambda rec: self.metrics.on_record(rec.text),
                       on_record_needles=PARSE_ERROR_NEEDLES,
                       position_delay_s=POSITION_DELAY_S)
-
-    def _make_source(self) -> Source:
-        src = self.cfg.log_source
-        if src.type == "file":
-            return FileSource(src, self._load_position, self.clock)
-        if src.type == "command":
-            return CommandSource(src, self.clock)
-        if src.type == "journald":
-            assert src.unit is not None
-            key = journald_stream(src.unit)
-            return JournaldSource(src, self.cfg.state_dir, lambda: self._load_position(key),
-                                  self.clock)
-        return StdinSource(src.max_line_bytes)
 
     async def _sink(self, batch: Batch) -> TailPosition | None:
         """Every batch of log lines goes through here."""

@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from . import __version__
 from .events import Event, EventKind
@@ -287,3 +289,15 @@ def metric_names(metrics: Metrics) -> set[str]:
         elif family.type == "histogram":
             names.update(family.name + s for s in ("_bucket", "_sum", "_count", "_created"))
     return names
+
+
+class ReadAtScrape(Collector):
+    """Figures other parts keep themselves (process watching, recovery), read at each
+    scrape from their ``metrics()``."""
+
+    def __init__(self, providers: Sequence[Callable[[], Iterable[Metric]]]) -> None:
+        self.providers = list(providers)
+
+    def collect(self) -> Iterable[Metric]:
+        for provide in self.providers:
+            yield from provide()

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..clock import Clock
+from ..config import Config
 from ..records import LineSplitter
 from ..rows import TailPosition
 
@@ -94,3 +96,25 @@ async def pump(reader: asyncio.StreamReader, stream: str, sink: Sink, max_line_b
                  splitter.pending_bytes)
     await sink(Batch(stream, [], n, idle=True, eof=True))
     return n
+
+
+def open_source(cfg: Config, load_position: Callable[[str], Awaitable[Mark | None]],
+                clock: Clock) -> Source:
+    """The reader ``cfg.log_source`` names; ``load_position(stream)`` gives the position
+    committed for a stream (a file, a journald unit) when it was read before."""
+    from .command import CommandSource
+    from .file import FileSource
+    from .journald import JournaldSource
+    from .journald import stream_name as journald_stream
+    from .stdin import StdinSource
+
+    src = cfg.log_source
+    if src.type == "file":
+        return FileSource(src, load_position, clock)
+    if src.type == "command":
+        return CommandSource(src, clock)
+    if src.type == "journald":
+        assert src.unit is not None
+        key = journald_stream(src.unit)
+        return JournaldSource(src, cfg.state_dir, lambda: load_position(key), clock)
+    return StdinSource(src.max_line_bytes)
