@@ -35,6 +35,7 @@ from support.stack import (
 )
 
 from supervisor import relay
+from supervisor.relay import conn as relay_conn
 
 UPSTREAM_JS = REPO / "tests" / "support" / "relay_upstream.js"
 PASS_THROUGH_TIMEOUT_S = 1.5
@@ -431,11 +432,11 @@ def test_unreachable_upstream_is_502(tmp_path: Path, children: list[Child]) -> N
 
 
 def test_long_head_split_across_reads_is_handed_over_whole(stack: Stack, conn: Conn) -> None:
-    """A head longer than relay.MAX_HEAD whose first read holds no end of head: every byte
+    """A head longer than relay_conn.MAX_HEAD whose first read holds no end of head: every byte
     of it reaches aiohttp (none is dropped on the hand-over)."""
     fields = "".join(f"X-Big-{i}: {'v' * 1000}\r\n" for i in range(12))  # ~12 kB, 1 kB each
     head = f"GET /echo?long HTTP/1.1\r\nHost: x\r\n{fields}".encode()
-    assert len(head) > relay.MAX_HEAD
+    assert len(head) > relay_conn.MAX_HEAD
     conn.send(head)  # no CRLF CRLF yet: the relay sees more than MAX_HEAD bytes without one
     time.sleep(0.3)
     conn.send(b"\r\n")
@@ -580,7 +581,7 @@ def test_read_route_answers_are_relayed_and_learnt_from(tmp_path: Path,
             assert resp.status == 200 and not resp.by_aiohttp, resp
             assert resp.json()["data"]["id"] == jids[frame]
             if frame == "big":
-                assert len(resp.body) > relay.LEARN_MAX_BYTES
+                assert len(resp.body) > relay_conn.LEARN_MAX_BYTES
         conn.close()
     with log.open("a") as fh:
         for frame in cases:
