@@ -10,13 +10,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import Config, ConfigError, LoggingConfig, load_config, parse_config
+
+if TYPE_CHECKING:
+    from .systemd import Notifier
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # runtime failure (systemd restarts the service)
@@ -91,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # imported without collections, then frozen (moved out of the collected generations).
     gc.disable()
     try:
-        from .daemon import run_forever
+        importlib.import_module(".daemon", __package__)  # all the daemon runs on, to freeze
     finally:
         gc.freeze()
         gc.enable()
@@ -270,4 +275,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except KeyboardInterrupt:
         return 130
+    return code
+
+
+async def run_forever(cfg: Config, load: Callable[[], Config] | None = None,
+                      notifier: Notifier | None = None, test_hooks: bool = False) -> int:
+    """``blast-supervisor run``: start, serve until a signal, shut down. Returns the exit code.
+
+    A second SIGTERM/SIGINT exits at once (exit code 1). SIGHUP reloads the configuration
+    with ``load`` (without it, SIGHUP is logged and ignored).
+    """
+    import signal
+
+    from .daemon import StartupError, Supervisor
+
+    log = logging.getLogger("supervisor.daemon")  # the daemon's lifecycle lines keep its name
+    sup = Supervisor(cfg, notifier=notifier, test_hooks=test_hooks)
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_signal() -> None:
+        if sup.stopping:
+            log.warning("second stop signal: exiting now")
+            if sup.child is not None:
+                sup.child.kill_now()  # api-blast must not outlive its supervisor
+            os._exit(1)
+        sup.request_stop()
+
+    def on_hup() -> None:
+        if load is None:
+            log.warning("SIGHUP: no configuration file to reload (run -c FILE)")
+            return
+        log.info("SIGHUP: reloading the configuration")
+        task = loop.create_task(sup.reload(load), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    code = 0
+    try:
+        await sup.startup()
+        await sup.run()
+    except StartupError as exc:
+        log.error("%s", exc)
+        code = 1
+    except Exception:  # a component loop raised (an ExceptionGroup from the TaskGroup)
+        log.exception("a component failed; shutting down")
+        code = 1
+    finally:
+        await sup.shutdown()
+    if sup.crashed is not None:
+        log.error("exiting after a failure: %s", sup.crashed)
+        return 1
     return code

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -584,54 +583,3 @@ class Supervisor:
         if self.auth is not None:
             self.auth.learn_send(row.instance_id, row.query, result)
         return result
-
-
-async def run_forever(cfg: Config, load: Callable[[], Config] | None = None,
-                      notifier: Notifier | None = None, test_hooks: bool = False) -> int:
-    """``blast-supervisor run``: start, serve until a signal, shut down. Returns the exit code.
-
-    A second SIGTERM/SIGINT exits at once (exit code 1). SIGHUP reloads the configuration
-    with ``load`` (without it, SIGHUP is logged and ignored).
-    """
-    import signal
-
-    sup = Supervisor(cfg, notifier=notifier, test_hooks=test_hooks)
-    loop = asyncio.get_running_loop()
-    reloads: set[asyncio.Task[bool]] = set()
-
-    def on_signal() -> None:
-        if sup.stopping:
-            log.warning("second stop signal: exiting now")
-            if sup.child is not None:
-                sup.child.kill_now()  # api-blast must not outlive its supervisor
-            os._exit(1)
-        sup.request_stop()
-
-    def on_hup() -> None:
-        if load is None:
-            log.warning("SIGHUP: no configuration file to reload (run -c FILE)")
-            return
-        log.info("SIGHUP: reloading the configuration")
-        task = loop.create_task(sup.reload(load), name="reload")
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    code = 0
-    try:
-        await sup.startup()
-        await sup.run()
-    except StartupError as exc:
-        log.error("%s", exc)
-        code = 1
-    except Exception:  # a component loop raised (an ExceptionGroup from the TaskGroup)
-        log.exception("a component failed; shutting down")
-        code = 1
-    finally:
-        await sup.shutdown()
-    if sup.crashed is not None:
-        log.error("exiting after a failure: %s", sup.crashed)
-        return 1
-    return code
