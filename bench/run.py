@@ -32,6 +32,8 @@ Figures (see docs/performance.md for how each is made fair):
   start → ``ready:`` time (against the same start with an empty journal).
 * ``idle``: the daemon's CPU over 60 s (10 s quick) while nothing happens: production defaults
   (process watcher, recovery checks), one ready instance, its log file followed.
+* ``send_client``: the CPU of one send as the replay makes it, the daemon's lean keep-alive
+  client against aiohttp's client, alternating in one process, against the Node upstream.
 * ``soak``: ``bench/soak.py`` for 10 min (30 s quick): 500 instances, 250 guarded sends/s to
   the simulator, drops on 10 % of the instances; acknowledgement p99, lost and duplicated
   sends, RSS growth, the daemon's CPU per send.
@@ -65,13 +67,14 @@ import soak
 from supervisor import events
 from supervisor.attribution import Attributor
 from supervisor.clock import SystemClock
-from supervisor.config import LogSourceConfig
+from supervisor.config import LogSourceConfig, UpstreamConfig
 from supervisor.journal import Journal
 from supervisor.journal.schema import connect
 from supervisor.records import LineSplitter
 from supervisor.rows import MessageState, NewMessage
 from supervisor.sources import Batch
 from supervisor.sources.intake import Intake
+from supervisor.upstream import Upstream
 
 BODY = b"chat_id=6281234567890%40c.us&caption=Halo%2C+pesanan+Anda+sudah+dikirim."
 FIXTURES = harness.REPO / "tests" / "fixtures"
@@ -337,6 +340,46 @@ def bench_idle(quick: bool, work: Path, ctx: dict[str, Any]) -> dict[str, Any]:
             "met": idle <= 0.2}
 
 
+def bench_send_client(quick: bool, work: Path, ctx: dict[str, Any]) -> dict[str, Any]:
+    """CPU of one journaled send as the replay makes it (``Upstream.send``): the lean
+    keep-alive client against aiohttp's client, alternating in one process, against the Node
+    upstream (its delivered answer to ``POST /send_message``)."""
+    sends, rounds = (300, 2) if quick else (3000, 3)
+    with harness.Procs(work) as procs:
+        node = procs.node()
+
+        async def cpu_per_send(lean: bool) -> float:
+            up = Upstream(UpstreamConfig(url=f"http://127.0.0.1:{node}"))
+            send = up.send if lean else up._send_aiohttp
+            args = ("POST", "/send_message", f"instance_id={_id(1)}&access_token=t",
+                    (("Content-Type", "application/x-www-form-urlencoded"),),
+                    b"chat_id=6281234567890%40c.us&caption=x", 5.0)
+            try:
+                for _ in range(50):  # warm: connections open, code paths taken
+                    await send(*args)
+                started = time.process_time()
+                for _ in range(sends):
+                    result = await send(*args)
+                used = time.process_time() - started
+            finally:
+                await up.close()
+            assert result.outcome.kind.value == "delivered", result.outcome
+            return used / sends * 1e6
+
+        lean, plain = [], []
+        for _ in range(rounds):
+            plain.append(asyncio.run(cpu_per_send(False)))
+            lean.append(asyncio.run(cpu_per_send(True)))
+    best_lean, best_plain = min(lean), min(plain)
+    return {"figure": "CPU of one send to api-blast, lean client (replay's path)",
+            "measured": round(best_lean, 1), "unit": "us",
+            "references": {"aiohttp client us": round(best_plain, 1),
+                           "rounds lean": [round(x) for x in lean],
+                           "rounds aiohttp": [round(x) for x in plain]},
+            "ratio": round(best_lean / best_plain, 2), "ratio_of": "aiohttp client",
+            "target": "-", "met": None}
+
+
 def bench_soak(quick: bool, work: Path, ctx: dict[str, Any]) -> list[dict[str, Any]]:
     """The fleet soak (bench/soak.py): 500 instances, 250 guarded sends/s, a drop every 2 s
     on 10 % of the instances; 30 s quick, 10 min full."""
@@ -578,6 +621,7 @@ BENCHES: dict[str, Callable[[bool, Path, dict[str, Any]], Any]] = {
     "replay": bench_replay,
     "restart": bench_restart,
     "idle": bench_idle,
+    "send_client": bench_send_client,
     "soak": bench_soak,
 }
 

@@ -15,6 +15,8 @@ from supervisor.config import (
     ConfigError,
     load_config,
     parse_config,
+    reload_plan,
+    validate,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -349,3 +351,51 @@ def test_cli_check_config_invalid_yaml(tmp_path: Path) -> None:
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert "line 2" in line
+
+
+# --------------------------------------------------------------------------- the reload plan
+
+
+@pytest.mark.parametrize(("change", "restart"), [
+    ({"queue": {"max_queue_size": 5}}, []),
+    ({"monitoring": {"healthy": {"max_queue": 1, "min_success_rate": 90}}}, []),
+    ({"auth": {"mode": "none"}}, []),
+    ({"parser": {"rules": [{"name": "r", "pattern": "x", "event": "ready"}]}}, []),
+    ({"listen": {"port": 9}}, ["listen"]),
+    ({"state_dir": "/elsewhere"}, ["state_dir"]),
+    ({"log_source": {"type": "stdin"}}, ["log_source"]),
+    ({"upstream": {"url": "http://127.0.0.1:9000"}}, ["upstream"]),
+    ({"limits": {"max_body_bytes": 10, "instance_id_pattern": "^[A-Z]+$"}},
+     ["limits.max_body_bytes"]),
+    ({"logging": {"format": "json"}}, ["logging"]),
+])
+def test_reload_plan_names_what_needs_a_restart(change: dict[str, Any],
+                                                restart: list[str]) -> None:
+    """Restart-only keys are named and keep their running value; the rest is applied."""
+    old = parse_config(None)
+    new = parse_config(change)
+    effective, needs = reload_plan(old, new)
+    assert needs == restart
+    for key in needs:
+        section, _, field = key.partition(".")
+        if field:
+            assert getattr(getattr(effective, section), field) == \
+                getattr(getattr(old, section), field)
+        else:
+            assert getattr(effective, section) == getattr(old, section)
+    if not needs:
+        assert effective == new
+    if "limits" in change:
+        assert effective.limits.instance_id_pattern == "^[A-Z]+$"
+
+
+def test_reload_cannot_turn_off_auth_on_a_public_listener() -> None:
+    """A reloaded file that moves to loopback *and* sets auth.mode none is refused: the
+    listener keeps its public address until a restart, so the mix must be checked again."""
+    old = parse_config({"listen": {"host": "0.0.0.0"}, "auth": {"mode": "upstream"}})
+    new = parse_config({"listen": {"host": "127.0.0.1"}, "auth": {"mode": "none"}})
+    effective, restart = reload_plan(old, new)
+    assert effective.listen.host == "0.0.0.0"
+    assert "listen" in " ".join(restart)
+    problems = validate(effective)
+    assert any(p.startswith("auth.mode:") for p in problems), problems
