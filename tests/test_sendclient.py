@@ -104,6 +104,17 @@ async def send(c: SendClient, timeout_s: float = 5.0,
                         headers, b"chat_id=6281234567890%40c.us&caption=hi", timeout_s)
 
 
+async def send_once(answer: Callable[[asyncio.StreamWriter, bytes, int], Any]
+                    ) -> sendclient.SendResult:
+    """One send through a new client to a server that acts as ``answer`` says."""
+    async with Script(answer) as s:
+        c = client(s.port)
+        try:
+            return await send(c)
+        finally:
+            c.close()
+
+
 def answering(data: bytes) -> Callable[[asyncio.StreamWriter, bytes, int], None]:
     return lambda w, _req, _n: w.write(data)
 
@@ -153,12 +164,7 @@ async def test_a_path_prefix_in_the_upstream_url_is_kept(delivered_server: Scrip
 @pytest.mark.parametrize("answer", [length_answer(), chunked_answer(), chunked_answer(size=1)],
                          ids=["content-length", "chunked", "one-byte-chunks"])
 async def test_a_whole_answer_is_classified_with_its_headers(answer: bytes) -> None:
-    async with Script(answering(answer)) as s:
-        c = client(s.port)
-        try:
-            result = await send(c)
-        finally:
-            c.close()
+    result = await send_once(answering(answer))
     assert result.outcome.kind is OutcomeKind.DELIVERED
     assert result.outcome.message_key_id == KEY_ID
     assert result.status == 200 and result.body == DELIVERED
@@ -186,23 +192,13 @@ async def test_an_answer_ended_by_closing_the_connection_is_read_to_the_close() 
 
 
 async def test_an_interim_100_continue_is_skipped() -> None:
-    async with Script(answering(b"HTTP/1.1 100 Continue\r\n\r\n" + length_answer())) as s:
-        c = client(s.port)
-        try:
-            result = await send(c)
-        finally:
-            c.close()
+    result = await send_once(answering(b"HTTP/1.1 100 Continue\r\n\r\n" + length_answer()))
     assert result.outcome.kind is OutcomeKind.DELIVERED and result.status == 200
 
 
 async def test_api_blast_not_sent_answer_is_classified_not_sent() -> None:
     body = json.dumps({"status": "success"}).encode()  # api-blast's answer when nothing went
-    async with Script(answering(length_answer(body))) as s:
-        c = client(s.port)
-        try:
-            result = await send(c)
-        finally:
-            c.close()
+    result = await send_once(answering(length_answer(body)))
     assert result.outcome.kind is OutcomeKind.NOT_SENT and result.body == body
 
 
@@ -225,12 +221,7 @@ async def test_a_connection_closed_without_an_answer_is_unknown() -> None:
     def hang_up(w: asyncio.StreamWriter, _r: bytes, _n: int) -> None:
         w.transport.abort()
 
-    async with Script(hang_up) as s:
-        c = client(s.port)
-        try:
-            result = await send(c)
-        finally:
-            c.close()
+    result = await send_once(hang_up)
     assert result.outcome.kind is OutcomeKind.UNKNOWN
     assert "without answering" in result.outcome.detail
 
@@ -240,12 +231,7 @@ async def test_an_answer_cut_short_is_unknown() -> None:
         w.write(length_answer()[:-10])
         w.transport.abort()
 
-    async with Script(cut) as s:
-        c = client(s.port)
-        try:
-            result = await send(c)
-        finally:
-            c.close()
+    result = await send_once(cut)
     assert result.outcome.kind is OutcomeKind.UNKNOWN
     assert "cut short" in result.outcome.detail
 
@@ -265,24 +251,14 @@ async def test_no_answer_in_time_is_unknown_and_the_connection_is_not_reused() -
 
 
 async def test_an_unreadable_answer_is_unknown() -> None:
-    async with Script(answering(b"HTTP/1.1 abc Broken\r\n\r\n")) as s:
-        c = client(s.port)
-        try:
-            result = await send(c)
-        finally:
-            c.close()
+    result = await send_once(answering(b"HTTP/1.1 abc Broken\r\n\r\n"))
     assert result.outcome.kind is OutcomeKind.UNKNOWN
     assert "could not be read" in result.outcome.detail
 
 
 async def test_an_answer_over_the_bound_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sendclient, "MAX_ANSWER_BYTES", 100)
-    async with Script(answering(length_answer(b"x" * 101))) as s:
-        c = client(s.port)
-        try:
-            result = await send(c)
-        finally:
-            c.close()
+    result = await send_once(answering(length_answer(b"x" * 101)))
     assert result.outcome.kind is OutcomeKind.UNKNOWN
     assert "over 100 bytes" in result.outcome.detail
 
