@@ -6,6 +6,7 @@ Nothing here shows an access token or a message body.
 
 from __future__ import annotations
 
+import datetime
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -150,6 +151,7 @@ class Api:
         return {
             "instance_id": instance_id,
             "paused": paused,
+            "pacing": self._pacing(instance_id),
             "session": {
                 "state": state.value,
                 "code": s.code,
@@ -207,6 +209,18 @@ class Api:
             "recommendations": general + [r for s in summaries for r in s["recommendations"]],
             "problems": problems,
         }
+
+    def _pacing(self, instance_id: str) -> dict[str, Any]:
+        """Sends of the last 24 h against the cap, and why and until when sends are held."""
+        view = self.replayer.pacer.view(instance_id, self.clock.time())
+        until = view["held_until"]
+        held = None
+        if isinstance(until, float):
+            local = datetime.datetime.fromtimestamp(until, self.replayer.pacer.tz)
+            held = f"{view['held_because']}: nothing is sent until {local:%H:%M} " \
+                   f"({self.cfg.pacing.timezone})"
+        return {"sent_24h": view["sent_24h"], "daily_cap": view["daily_cap"],
+                "held_until": iso(until) if isinstance(until, float) else None, "held": held}
 
     def _global_facts(self, problems: Mapping[str, str]) -> GlobalFacts:
         """Supervisor-wide facts: its failing components, and api-blast's liveness when the

@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ipaddress
 import re
 import types
 import typing
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +110,49 @@ class QueueConfig:
     # Dead rows wait for an admin decision: kept for ever unless this is set.
     dead_retention_s: float | None = field(default=None, metadata=_meta(gt=0))
     prune_interval_s: float = field(default=300.0, metadata=_meta(gt=0))
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupConfig:
+    """A new number's daily cap: ``start_per_day`` on its first day, times ``factor`` each day
+    after, up to ``pacing.daily_cap``."""
+
+    start_per_day: int = field(default=20, metadata=_meta(ge=1))
+    factor: float = field(default=1.5, metadata=_meta(ge=1))
+    # The number's first day (YYYY-MM-DD, in pacing.timezone); None: the day of the first
+    # send the supervisor sees for it (kept in the journal).
+    since: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QuietHoursConfig:
+    """A daily window (local time, HH:MM, in pacing.timezone) in which nothing is sent; it may
+    cross midnight (22:00 to 07:00)."""
+
+    start: str = "22:00"
+    end: str = "07:00"
+
+
+@dataclass(frozen=True, slots=True)
+class PacingRules:
+    """What keeps a number from looking like a spammer; every key may be set per instance."""
+
+    # [min, max]: a uniform random gap between two sends of an instance; None: the fixed
+    # queue.process_interval_s.
+    interval_s: tuple[float, ...] | None = None
+    # Sends per rolling 24 h; beyond it sends are journaled and held until the window allows.
+    daily_cap: int | None = field(default=None, metadata=_meta(ge=1))
+    warmup: WarmupConfig | None = None
+    quiet_hours: QuietHoursConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PacingConfig(PacingRules):
+    """Ban-safe pacing, for every instance, with per-instance overrides."""
+
+    timezone: str = "UTC"  # an IANA name (Asia/Jakarta) for quiet hours and warm-up days
+    # instance id -> the keys that differ for it (a key not given keeps the value above).
+    instances: Mapping[str, PacingRules] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +356,7 @@ class Config:
     state_dir: str = "/var/lib/blast-supervisor"
     log_source: LogSourceConfig = LogSourceConfig()
     queue: QueueConfig = QueueConfig()
+    pacing: PacingConfig = PacingConfig()
     session: SessionConfig = SessionConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
     auth: AuthConfig = AuthConfig()
@@ -424,6 +470,11 @@ def _join(path: str, key: str) -> str:
 
 def _validate(cfg: Config, errors: list[str]) -> None:
     """Cross-field and format checks that a type alone cannot express."""
+    _validate_pacing(cfg.pacing, errors)
+    _validate_other(cfg, errors)
+
+
+def _validate_other(cfg: Config, errors: list[str]) -> None:
     up = urlsplit(cfg.upstream.url)
     if up.scheme not in ("http", "https") or not up.hostname:
         errors.append(
@@ -588,3 +639,37 @@ def reload_plan(old: Config, new: Config) -> tuple[Config, list[str]]:
             changed.append(key)
             effective = dataclasses.replace(effective, **{section: old_v})
     return effective, changed
+
+
+def _validate_pacing(p: PacingConfig, errors: list[str]) -> None:
+    try:
+        zoneinfo.ZoneInfo(p.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        errors.append(f"pacing.timezone: unknown time zone {p.timezone!r}; use an IANA name "
+                      f"such as 'UTC' or 'Asia/Jakarta'")
+    for path, rules in [("pacing", p), *((f"pacing.instances.{k}", v)
+                                         for k, v in p.instances.items())]:
+        iv = rules.interval_s
+        if iv is not None and (len(iv) != 2 or iv[0] < 0 or iv[0] > iv[1]):
+            errors.append(f"{path}.interval_s: must be [min, max] with 0 <= min <= max "
+                          f"(seconds), got {list(iv)!r}")
+        if rules.quiet_hours is not None:
+            for end in ("start", "end"):
+                value = getattr(rules.quiet_hours, end)
+                if parse_hhmm(value) is None:
+                    errors.append(f"{path}.quiet_hours.{end}: must be a time HH:MM such as "
+                                  f"'22:00', got {value!r}")
+        if rules.warmup is not None and rules.warmup.since is not None:
+            try:
+                datetime.date.fromisoformat(rules.warmup.since)
+            except ValueError:
+                errors.append(f"{path}.warmup.since: must be a date YYYY-MM-DD, got "
+                              f"{rules.warmup.since!r}")
+    if p.warmup is not None and p.daily_cap is None:
+        errors.append("pacing.warmup: needs pacing.daily_cap (the cap the warm-up grows to)")
+
+
+def parse_hhmm(text: str) -> int | None:
+    """Minutes after midnight of ``HH:MM``, or None when it is not such a time."""
+    m = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", text)
+    return None if m is None else int(m.group(1)) * 60 + int(m.group(2))

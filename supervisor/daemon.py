@@ -20,7 +20,8 @@ from .clock import Clock, SystemClock
 from .config import Config, ConfigError, reload_plan, validate
 from .housekeeping import Housekeeper
 from .journal import Journal, JournalError
-from .metrics import Metrics, ReadAtScrape
+from .metrics import Metrics, ReadAtScrape, pacing_families
+from .pacing import DAY_S, Pacer
 from .prefilter import PARSE_ERROR_NEEDLES
 from .proxy import VERDICT_ROUTES, Proxy, framing_guard
 from .recovery import Recovery
@@ -106,6 +107,7 @@ class Supervisor:
         self.source: Source | None = None
         self.port: int = cfg.listen.port
         self.crashed: str | None = None  # what failed, when a component loop died
+        self._background: set[asyncio.Task[None]] = set()
         self._quiesced = False  # quiesce() ran (it runs once)
 
     # ------------------------------------------------------------------ lifecycle
@@ -141,10 +143,12 @@ class Supervisor:
         except JournalError as exc:
             raise StartupError(exc.cause) from exc
         self.upstream = Upstream(cfg.upstream)
+        pacer = await self._start_pacer(journal)
         self.replayer = replayer = Replayer(
             cfg.queue, self.sessions, journal, self._send, self.clock,
             on_outcome=self.metrics.on_outcome, on_settled=self._on_settled,
-            on_crash=self._component_crashed)
+            on_crash=self._component_crashed, pacer=pacer,
+            on_first_send=self._on_first_send)
         replayer.hold_sending()  # until the first pass over the log (run())
         self.session_log = slog = SessionLog(
             cfg.parser, self.sessions, replayer, journal, self.metrics, self.clock,
@@ -216,6 +220,35 @@ class Supervisor:
         relay.learn_routes = frozenset(r.encode() for r in VERDICT_ROUTES)
         relay.learn, relay.guard = proxy.learn_relayed, proxy.relay_guard
         return relay
+
+    async def _start_pacer(self, journal: Journal) -> Pacer:
+        """Gaps, daily caps, warm-up and quiet hours, with the sends of the last 24 h and the
+        first sends read back from the journal."""
+        pacer = Pacer(self.cfg.pacing, self.cfg.queue.process_interval_s, self._rng)
+        now = self.clock.time()
+        try:
+            sends, firsts = await journal.pacing_history(now - DAY_S)
+        except JournalError as exc:
+            log.error("pacing counters not restored (journal: %s): the daily caps count from "
+                      "now", exc.cause)
+            return pacer
+        for instance_id in sends.keys() | firsts.keys():
+            pacer.restore(instance_id, sends.get(instance_id, ()), firsts.get(instance_id),
+                          now)
+        return pacer
+
+    def _on_first_send(self, instance_id: str, at: float) -> None:
+        """The first send counted for an instance: kept, its warm-up starts that day."""
+        async def store() -> None:
+            assert self.journal is not None
+            try:
+                await self.journal.note_first_send(instance_id, at)
+            except JournalError as exc:
+                log.warning("first send of %s not stored (journal: %s)", instance_id,
+                            exc.cause)
+        task = asyncio.get_running_loop().create_task(store(), name="first-send")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _start_auth(self, state_dir: Path, slog: SessionLog) -> Authenticator:
         """The token checker, with the pairs api-blast accepted before (journal)."""
@@ -331,7 +364,10 @@ class Supervisor:
         restart = self._restart_child if cfg.log_source.type == "command" else None
         self.recovery = Recovery(cfg.recovery, cfg.session, self.sessions, self.upstream,
                                  self.auth, self.clock, restart)
-        providers = [self.recovery.metrics]
+        replayer = self.replayer
+        assert replayer is not None
+        providers = [self.recovery.metrics, lambda: pacing_families(
+            replayer.pacer, replayer.lanes, self.clock.time())]
         if self.procwatch is not None:
             providers.append(self.procwatch.metrics)
         self.metrics.registry.register(ReadAtScrape(providers))
@@ -454,7 +490,7 @@ class Supervisor:
         if self.session_log is not None:
             self.session_log.reconfigure(cfg.parser)
         if self.replayer is not None:
-            self.replayer.reconfigure(cfg.queue)
+            self.replayer.reconfigure(cfg.queue, cfg.pacing)
         if self.auth is not None:
             self.auth.reconfigure(cfg.auth)
         if self.proxy is not None:

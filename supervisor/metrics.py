@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -26,6 +26,7 @@ from . import __version__
 from .events import Event, EventKind
 from .health import Health
 from .outcome import Outcome
+from .pacing import Pacer
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -301,3 +302,26 @@ class ReadAtScrape(Collector):
     def collect(self) -> Iterable[Metric]:
         for provide in self.providers:
             yield from provide()
+
+
+def pacing_families(pacer: Pacer, instances: Iterable[str], now: float) -> Iterable[Metric]:
+    """Per instance: counted sends of the last 24 h, the daily cap (warm-up applied; absent
+    without a cap) and, while pacing holds its sends, until when (epoch seconds)."""
+    sent = GaugeMetricFamily("blast_supervisor_pacing_sends_24h",
+                             "Sends that may have reached WhatsApp in the last 24 h",
+                             labels=["instance_id"])
+    cap = GaugeMetricFamily("blast_supervisor_pacing_daily_cap",
+                            "Today's cap of sends per rolling 24 h (pacing.daily_cap, warm-up "
+                            "applied)", labels=["instance_id"])
+    held = GaugeMetricFamily("blast_supervisor_pacing_held_until_seconds",
+                             "While a daily cap or quiet hours hold an instance's sends: the "
+                             "epoch time they may go again (0: not held)",
+                             labels=["instance_id"])
+    for instance_id in sorted(instances):
+        view = pacer.view(instance_id, now)
+        sent.add_metric([instance_id], float(view["sent_24h"] or 0))  # type: ignore[arg-type]
+        if view["daily_cap"] is not None:
+            cap.add_metric([instance_id], float(view["daily_cap"]))  # type: ignore[arg-type]
+        until = view["held_until"]
+        held.add_metric([instance_id], until if isinstance(until, float) else 0.0)
+    return [sent, cap, held]

@@ -22,9 +22,10 @@ from typing import overload
 
 from .backoff import next_delay_s
 from .clock import Clock
-from .config import QueueConfig
+from .config import PacingConfig, QueueConfig
 from .journal import Journal, JournalError
 from .outcome import Outcome, OutcomeKind
+from .pacing import Pacer
 from .rows import STATE_ORDER, ActiveColumns, ActiveRow, MessageRow, MessageState, Progress
 from .sendclient import SendResult
 from .sessions import GateAction, Sessions, SessionState
@@ -315,6 +316,7 @@ class Lane:
     in_flight: str | None = None
     pending: int = 0  # sends being journaled that will join this lane
     last_send_at: float = -math.inf  # monotonic time of the last send (pacing)
+    gap: float = 0.0  # seconds to keep after last_send_at (drawn at each send: pacing)
     previous_send_at: float = -math.inf  # last_send_at before an inline reservation
     unavailable_streak: int = 0
     blocked_until: float = -math.inf  # api-blast unreachable: nothing is sent before this
@@ -346,7 +348,9 @@ class Replayer:
                  clock: Clock, rng: random.Random | None = None, *,
                  on_outcome: Callable[[str, Outcome, bool], None] | None = None,
                  on_settled: Callable[[Lane, Progress], None] | None = None,
-                 on_crash: Callable[[str], None] | None = None) -> None:
+                 on_crash: Callable[[str], None] | None = None,
+                 pacer: Pacer | None = None,
+                 on_first_send: Callable[[str, float], None] | None = None) -> None:
         self.cfg = cfg
         self.sessions = sessions
         self.journal = journal
@@ -368,14 +372,19 @@ class Replayer:
         self.on_settled = on_settled
         # A lane worker died (a bug): what failed. The owner stops the daemon.
         self.on_crash = on_crash
+        # Gaps, daily caps, warm-up and quiet hours (without one: the fixed
+        # process_interval_s); told of the first send ever counted for an instance.
+        self.pacer = pacer or Pacer(PacingConfig(), cfg.process_interval_s, self.rng)
+        self.on_first_send = on_first_send
         # Instances paused by an admin call: their lanes send nothing, inline or replayed.
         self.paused: set[str] = set()
         # Outcomes the journal could not take (storage fault): message id -> (progress, when).
         self.unrecorded: dict[str, tuple[Progress, float]] = {}
 
-    def reconfigure(self, cfg: QueueConfig) -> None:
-        """Apply reloaded queue settings; every lane looks again (pacing, limits)."""
+    def reconfigure(self, cfg: QueueConfig, pacing: PacingConfig | None = None) -> None:
+        """Apply reloaded queue (and pacing) settings; every lane looks again."""
         self.cfg = cfg
+        self.pacer.reconfigure(pacing or self.pacer.cfg, cfg.process_interval_s)
         self.wake(list(self.lanes))
 
     def set_sender(self, send: SendFn) -> None:
@@ -450,12 +459,14 @@ class Replayer:
         now = self.clock.monotonic()
         if (self.sending and not self._stopping and lane.in_flight is None and not lane.items
                 and lane.pending == 0 and instance_id not in self.paused
-                and now >= lane.last_send_at + self.cfg.process_interval_s):
+                and now >= lane.last_send_at + lane.gap
+                and self.pacer.verdict(instance_id, self.clock.time()).until is None):
             gate = self.sessions.gate(instance_id, now)
             if gate.action is not GateAction.HOLD:
                 lane.in_flight = "(inline)"
                 lane.previous_send_at = lane.last_send_at
                 lane.last_send_at = now
+                lane.gap = self.pacer.gap(instance_id)
                 return lane, gate.action
         lane.pending += 1
         return lane, None
@@ -528,6 +539,7 @@ class Replayer:
                 item = lane.items.pop(at)
                 lane.in_flight = item.id
                 lane.last_send_at = self.clock.monotonic()
+                lane.gap = self.pacer.gap(lane.instance_id)
                 await self._replay_one(lane, item, action is GateAction.PROBE)
                 continue
             await self.clock.wait(lane.wake, timeout)
@@ -548,7 +560,10 @@ class Replayer:
         if gate.action is GateAction.HOLD:
             wait = None if gate.until is None else max(0.001, gate.until - now)
             return None, -1, _sooner(wait, judge_in)
-        not_before = max(lane.blocked_until, lane.last_send_at + self.cfg.process_interval_s)
+        not_before = max(lane.blocked_until, lane.last_send_at + lane.gap)
+        paced = self.pacer.verdict(lane.instance_id, self.clock.time()).until
+        if paced is not None:
+            not_before = max(not_before, now + (paced - self.clock.time()))
         at = lane.items.first_due(now) if not_before <= now else -1
         if at < 0:
             due = lane.items.earliest() if not_before <= now else not_before
@@ -606,6 +621,9 @@ class Replayer:
         lane.unavailable_streak = (lane.unavailable_streak + 1
                                    if kind is OutcomeKind.UNAVAILABLE else 0)
         progress, next_at = self.progress(item, outcome, lane, now_wall, blame)
+        if kind in (OutcomeKind.DELIVERED, OutcomeKind.UNKNOWN) and self.pacer.counted(
+                lane.instance_id, now_wall) and self.on_first_send is not None:
+            self.on_first_send(lane.instance_id, now_wall)  # may have reached WhatsApp
         if kind is OutcomeKind.DELIVERED:
             self.sessions.note_send(lane.instance_id, True, now_mono)
             lane.not_sent_run.clear()

@@ -44,8 +44,12 @@ def test_instances_shape(stack: Stack) -> None:
     assert o["stats"]["window_s"] == 3600.0
     i = stack.instance(INSTANCE)
     assert set(i) == {"instance_id", "session", "queue", "stats", "success_rate",
-                      "first_attempt_rate", "health", "recommendations"} | (
+                      "first_attempt_rate", "health", "recommendations", "pacing"} | (
         {"paused"} if "paused" in i else set())
+    # No pacing configured: no cap, nothing held; the sends of the last 24 h are counted.
+    assert i["pacing"] == {"sent_24h": i["pacing"]["sent_24h"], "daily_cap": None,
+                           "held_until": None, "held": None}
+    assert i["pacing"]["sent_24h"] >= 2
     assert set(i["session"]) >= {"state", "code", "since_s", "last_event", "guessed",
                                  "conflicts_window", "conflict_storm"}
     assert set(i["queue"]) == {"queued", "retrying", "in_flight", "dead", "by_state"}

@@ -152,6 +152,10 @@ async def test_dashboard_shows_a_conflict_and_the_recovery(tmp_path: Path,
         assert (await page.js(card(INSTANCE, "success_rate"))).startswith(
             f"100.0 %  {done}/{done}")
         assert await page.js("document.getElementById('sum-success').textContent") == "100.0 %"
+        sent = s.instance(INSTANCE)["pacing"]["sent_24h"]
+        assert sent >= done
+        await page.wait_for(card(INSTANCE, "pacing"), lambda v: v == str(sent),
+                            "the sends of the last 24 h")
         assert await page.js("document.getElementById('sum-first').textContent") == "100.0 %"
         assert await page.js("document.getElementById('conn').textContent") == "live"
         colour = await page.js(

@@ -425,6 +425,34 @@ class Journal(Store):
         return await self.call(lambda c: {
             r[0] for r in c.execute("SELECT instance_id FROM paused_instances")})
 
+    # ------------------------------------------------------------------ pacing
+
+    async def note_first_send(self, instance_id: str, at: float) -> None:
+        """The first send counted for ``instance_id`` (kept: the warm-up starts from it)."""
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR IGNORE INTO first_sends (instance_id, at) VALUES (?, ?)",
+                         (instance_id, at))
+        await self.call(op)
+
+    async def pacing_history(self, since: float
+                             ) -> tuple[dict[str, list[float]], dict[str, float]]:
+        """Per instance: the attempts after ``since`` that may have reached WhatsApp
+        (delivered, or unknown), from each message's attempt history; and the first send
+        counted for each instance."""
+        def op(conn: sqlite3.Connection) -> tuple[dict[str, list[float]], dict[str, float]]:
+            sends: dict[str, list[float]] = {}
+            for instance_id, at in conn.execute(
+                    "SELECT m.instance_id, json_extract(h.value, '$.at') FROM messages m, "
+                    "json_each(m.history) h WHERE m.updated_at >= ? "
+                    "AND json_extract(h.value, '$.at') >= ? "
+                    "AND json_extract(h.value, '$.outcome') IN ('delivered', 'unknown')",
+                    (since, since)):
+                sends.setdefault(instance_id, []).append(float(at))
+            firsts = {i: float(at) for i, at in conn.execute(
+                "SELECT instance_id, at FROM first_sends")}
+            return sends, firsts
+        return await self.read(op)
+
     # ------------------------------------------------------------------ token verdicts
 
     async def trusted_tokens(self, verified_after: float) -> list[tuple[str, str, float]]:

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 2000  # how long a write waits for a lock held by another process
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is truncated to this after a checkpoint
 
-_SCHEMA_VERSION = 6
+_SCHEMA_VERSION = 7
 
 _MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
@@ -162,6 +162,14 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
         # Each attempt's outcome and whether it counted towards max_retries, and why
         # (a JSON array, the latest HISTORY_KEPT entries).
         "ALTER TABLE messages ADD COLUMN history TEXT",
+    ),
+    7: (
+        # The first send the supervisor counted for each instance: a new number's warm-up
+        # (pacing.warmup) starts that day, across restarts and after its rows are pruned.
+        """CREATE TABLE first_sends (
+            instance_id TEXT PRIMARY KEY,
+            at REAL NOT NULL
+        )""",
     ),
 }
 
