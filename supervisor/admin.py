@@ -20,6 +20,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -55,11 +56,10 @@ def bearer_problem(header: str | None, admin_token: str | None) -> tuple[int, st
 class Admin:
     """Handlers of the admin routes."""
 
-    def __init__(self, cfg: Config, journal: Journal, replayer: Replayer, clock: Clock) -> None:
-        self.cfg = cfg
-        self.journal = journal
-        self.replayer = replayer
-        self.clock = clock
+    def __init__(self, cfg: Config, journal: Journal, replayer: Replayer, clock: Clock, *,
+                 on_webhooks_replayed: Callable[[], None] | None = None) -> None:
+        self.cfg, self.journal, self.replayer, self.clock = cfg, journal, replayer, clock
+        self.on_webhooks_replayed = on_webhooks_replayed
         self._id_pattern = re.compile(cfg.limits.instance_id_pattern)
 
     def reconfigure(self, cfg: Config) -> None:
@@ -74,6 +74,8 @@ class Admin:
         app.router.add_post("/supervisor/dead/requeue", self.requeue_dead)
         app.router.add_post("/supervisor/instances/{instance_id}/pause", self.pause)
         app.router.add_post("/supervisor/instances/{instance_id}/resume", self.resume)
+        app.router.add_get("/supervisor/webhooks", self.webhooks)
+        app.router.add_post("/supervisor/webhooks/replay", self.replay_webhooks)
 
     def _refused(self, request: web.Request) -> web.Response | None:
         problem = bearer_problem(request.headers.get("Authorization"),
@@ -84,6 +86,39 @@ class Admin:
         headers = {"WWW-Authenticate": 'Bearer realm="blast-supervisor"'} if status == 401 \
             else None
         return json_error(status, message, headers=headers)
+
+    # ------------------------------------------------------------------ webhooks
+
+    async def webhooks(self, request: web.Request) -> web.Response:
+        """``GET /supervisor/webhooks?state=failed`` (or pending, delivered): the outbox."""
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        state = request.query.get("state", "failed")
+        if state not in ("failed", "pending", "delivered"):
+            return json_error(400, f"state must be failed, pending or delivered, got {state!r}")
+        try:
+            rows = await self.journal.list_webhooks(state)
+        except JournalError as exc:
+            return json_error(503, f"the journal could not be read: {exc.cause}",
+                              headers={"Retry-After": "5"})
+        return web.json_response({"state": state, "webhooks": rows})
+
+    async def replay_webhooks(self, request: web.Request) -> web.Response:
+        """``POST /supervisor/webhooks/replay[?webhook_id=…]``: failed webhooks (all, or one)
+        are delivered again, with their webhook-id."""
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        try:
+            n = await self.journal.replay_webhooks(self.clock.time(),
+                                                   request.query.get("webhook_id"))
+        except JournalError as exc:
+            return json_error(503, f"the journal could not be written: {exc.cause}",
+                              headers={"Retry-After": "5"})
+        if self.on_webhooks_replayed is not None:
+            self.on_webhooks_replayed()
+        return web.json_response({"replayed": n})
 
     # ------------------------------------------------------------------ messages
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import ipaddress
@@ -153,6 +154,32 @@ class PacingConfig(PacingRules):
     timezone: str = "UTC"  # an IANA name (Asia/Jakarta) for quiet hours and warm-up days
     # instance id -> the keys that differ for it (a key not given keeps the value above).
     instances: Mapping[str, PacingRules] = field(default_factory=dict)
+
+
+WEBHOOK_EVENTS = ("message.delivered", "message.dead", "message.cancelled", "session.changed")
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEndpoint:
+    """One receiver of outcome webhooks."""
+
+    name: str = ""  # unique; names the endpoint in metrics, the API and the logs
+    url: str = ""
+    # Standard Webhooks secret: "whsec_" and base64 (the receiver verifies with it).
+    secret: str = ""
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+    instances: tuple[str, ...] = ()  # only these instances (empty: every instance)
+    max_in_flight: int = field(default=4, metadata=_meta(ge=1))
+
+
+@dataclass(frozen=True, slots=True)
+class WebhooksConfig:
+    """Outcome webhooks: written in the journal with the change they report, delivered after
+    it, retried on this schedule, then kept as failed (listed, replayable)."""
+
+    endpoints: tuple[WebhookEndpoint, ...] = ()
+    retry_schedule_s: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0)
+    timeout_s: float = field(default=10.0, metadata=_meta(gt=0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +384,7 @@ class Config:
     log_source: LogSourceConfig = LogSourceConfig()
     queue: QueueConfig = QueueConfig()
     pacing: PacingConfig = PacingConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     session: SessionConfig = SessionConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
     auth: AuthConfig = AuthConfig()
@@ -471,6 +499,7 @@ def _join(path: str, key: str) -> str:
 def _validate(cfg: Config, errors: list[str]) -> None:
     """Cross-field and format checks that a type alone cannot express."""
     _validate_pacing(cfg.pacing, errors)
+    _validate_webhooks(cfg.webhooks, errors)
     _validate_other(cfg, errors)
 
 
@@ -673,3 +702,35 @@ def parse_hhmm(text: str) -> int | None:
     """Minutes after midnight of ``HH:MM``, or None when it is not such a time."""
     m = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", text)
     return None if m is None else int(m.group(1)) * 60 + int(m.group(2))
+
+
+def _validate_webhooks(w: WebhooksConfig, errors: list[str]) -> None:
+    names = [e.name for e in w.endpoints]
+    for i, e in enumerate(w.endpoints):
+        path = f"webhooks.endpoints[{i}]"
+        if not e.name:
+            errors.append(f"{path}.name: required (it names the endpoint in metrics and logs)")
+        elif names.count(e.name) > 1:
+            errors.append(f"{path}.name: {e.name!r} is used by another endpoint")
+        url = urlsplit(e.url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            errors.append(f"{path}.url: must be an http:// or https:// URL, got {e.url!r}")
+        if not _webhook_secret(e.secret):
+            errors.append(f"{path}.secret: must be a Standard Webhooks secret: 'whsec_' then "
+                          f"base64 of 24 to 64 random bytes (openssl rand -base64 32)")
+        for event in e.events:
+            if event not in WEBHOOK_EVENTS:
+                errors.append(f"{path}.events: unknown event {event!r}; use "
+                              f"{', '.join(WEBHOOK_EVENTS)}")
+    if not w.retry_schedule_s or any(s < 0 for s in w.retry_schedule_s):
+        errors.append("webhooks.retry_schedule_s: must list one or more delays >= 0 (seconds)")
+
+
+def _webhook_secret(secret: str) -> bool:
+    if not secret.startswith("whsec_"):
+        return False
+    try:
+        key = base64.b64decode(secret[6:], validate=True)
+    except ValueError:
+        return False
+    return 24 <= len(key) <= 64

@@ -442,6 +442,39 @@ def run_requeue_dead(client: Client, instance_id: str | None, out: TextIO) -> in
     return 0
 
 
+def run_webhooks(client: Client, action: str, state: str, webhook_id: str | None,
+                 out: TextIO) -> int:
+    """``webhooks list [--state S]`` and ``webhooks replay [WEBHOOK_ID]`` (admin token)."""
+    try:
+        if action == "list":
+            status, _, doc = client.call(
+                "GET", "/supervisor/webhooks?" + urllib.parse.urlencode({"state": state}),
+                admin=True)
+        else:
+            path = "/supervisor/webhooks/replay"
+            if webhook_id:
+                path += "?" + urllib.parse.urlencode({"webhook_id": webhook_id})
+            status, _, doc = client.call("POST", path, admin=True)
+    except DaemonError as exc:
+        print(f"webhooks {action}: {exc}", file=out)
+        return EXIT_UNKNOWN
+    if not 200 <= status < 300:
+        print(f"webhooks {action}: HTTP {status}: {_message(doc)}", file=out)
+        return 1
+    if action == "replay":
+        print(f"{doc.get('replayed', 0)} failed webhook(s) to be delivered again", file=out)
+        return 0
+    for w in doc["webhooks"]:
+        print(f"{w['webhook_id']}  {w['endpoint']:<12} {w['event']:<18} {w['subject']}  "
+              f"attempts {w['attempts']}  {w['last_error'] or ''}".rstrip(), file=out)
+    return 0
+
+
+def tool_webhooks(args: argparse.Namespace, target: Target) -> int:
+    """``webhooks list|replay``."""
+    return run_webhooks(Client(target), args.action, args.state, args.webhook_id, sys.stdout)
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -489,8 +522,8 @@ def tool_queue(args: argparse.Namespace, target: Target) -> int:
 
 def add_subcommands(add: Callable[[str, str], argparse.ArgumentParser],
                     func: Callable[[argparse.Namespace], int]) -> None:
-    """Register ``status``, ``test-success-rate`` and ``queue``; ``func`` resolves the target
-    (configuration, environment) and calls ``args.tool``."""
+    """Register ``status``, ``test-success-rate``, ``queue`` and ``webhooks``; ``func``
+    resolves the target (configuration, environment) and calls ``args.tool``."""
     p = add("status", "instances, queues, success rates and health from the running daemon "
                       "(exit 0 healthy, 1 warning, 2 critical, 3 unreachable)")
     _common(p)
@@ -526,3 +559,14 @@ def add_subcommands(add: Callable[[str, str], argparse.ArgumentParser],
     p.add_argument("--admin-token", help="requeue/cancel: auth.admin_token "
                                          "(env BLAST_SUPERVISOR_ADMIN_TOKEN)")
     p.set_defaults(func=func, tool=tool_queue)
+
+    p = add("webhooks", "list outcome webhooks (failed by default), or deliver failed ones "
+                        "again")
+    _common(p)
+    p.add_argument("action", choices=("list", "replay"))
+    p.add_argument("webhook_id", metavar="WEBHOOK_ID", nargs="?",
+                   help="replay: only this one (default: every failed webhook)")
+    p.add_argument("--state", default="failed", choices=("failed", "pending", "delivered"),
+                   help="list: which ones (default failed)")
+    p.add_argument("--admin-token", help="auth.admin_token (env BLAST_SUPERVISOR_ADMIN_TOKEN)")
+    p.set_defaults(func=func, tool=tool_webhooks)

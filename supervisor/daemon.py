@@ -38,6 +38,7 @@ from .stats import Stats, overall
 from .systemd import Notifier, NullNotifier, status_line
 from .testhooks import add_test_hooks
 from .upstream import Upstream
+from .webhooks import Deliverer, WebhookPlan
 
 if TYPE_CHECKING:  # imported when process.enabled (psutil is not needed otherwise)
     from .procwatch import ProcessWatcher
@@ -108,6 +109,8 @@ class Supervisor:
         self.port: int = cfg.listen.port
         self.crashed: str | None = None  # what failed, when a component loop died
         self._background: set[asyncio.Task[None]] = set()
+        self.webhook_plan = WebhookPlan(cfg.webhooks)
+        self.deliverer: Deliverer | None = None
         self._quiesced = False  # quiesce() ran (it runs once)
 
     # ------------------------------------------------------------------ lifecycle
@@ -139,10 +142,12 @@ class Supervisor:
         # journal once the fault clears (housekeeping). Only a permanent error stops it.
         try:
             self.journal = journal = await Journal.open(
-                state_dir, on_commit=self.metrics.on_commit, tolerate_faults=True)
+                state_dir, on_commit=self.metrics.on_commit, tolerate_faults=True,
+                webhooks=self.webhook_plan.targets)
         except JournalError as exc:
             raise StartupError(exc.cause) from exc
         self.upstream = Upstream(cfg.upstream)
+        self.deliverer = Deliverer(self.webhook_plan, journal, self.clock, self.metrics)
         pacer = await self._start_pacer(journal)
         self.replayer = replayer = Replayer(
             cfg.queue, self.sessions, journal, self._send, self.clock,
@@ -176,7 +181,8 @@ class Supervisor:
                                    "sending; sends are journaled and held meanwhile")
         self.housekeeper = Housekeeper(cfg, journal, self.clock, self._restore_queue,
                                        await self._restore_queue(), replayer.record_pending)
-        self.admin = Admin(cfg, journal, replayer, self.clock)
+        self.admin = Admin(cfg, journal, replayer, self.clock,
+                           on_webhooks_replayed=self.deliverer.wake)
         app = web.Application(client_max_size=cfg.limits.max_body_bytes,
                               middlewares=[framing_guard])
         if self.test_hooks:
@@ -297,6 +303,9 @@ class Supervisor:
         async with asyncio.TaskGroup() as tg:
             self.components["housekeeping"] = tg.create_task(self.housekeeper.run(),
                                                              name="housekeeping")
+            assert self.deliverer is not None
+            self.components["webhooks"] = tg.create_task(self.deliverer.run(),
+                                                         name="webhooks")
             # The log source: its batches go through the intake, which commits session
             # changes together with the position they were read up to.
             self.intake = intake = self._make_intake()
@@ -335,6 +344,7 @@ class Supervisor:
             if self.recovery is not None:
                 self.recovery.request_stop()
             self.housekeeper.request_stop()
+            self.deliverer.request_stop()
 
     async def _first_pass(self, source: Source, task: asyncio.Task[None]) -> None:
         """Wait until what the source had at start was read (or it failed)."""
@@ -489,6 +499,7 @@ class Supervisor:
         self.sessions.reconfigure(cfg.session)
         if self.session_log is not None:
             self.session_log.reconfigure(cfg.parser)
+        self.webhook_plan.reconfigure(cfg.webhooks)
         if self.replayer is not None:
             self.replayer.reconfigure(cfg.queue, cfg.pacing)
         if self.auth is not None:
@@ -563,9 +574,11 @@ class Supervisor:
         and the cached success-rate figures are stale."""
         self.metrics.on_settled(lane.instance_id, progress.state.value, progress.attempts,
                                 lane.depth + lane.pending, self.clock.monotonic())
-        if progress.state in (MessageState.DELIVERED, MessageState.DEAD) \
-                and self.api is not None:
-            self.api.stats.invalidate()
+        if progress.state in (MessageState.DELIVERED, MessageState.DEAD):
+            if self.api is not None:
+                self.api.stats.invalidate()
+            if self.deliverer is not None:
+                self.deliverer.wake()
 
     async def _monitoring_loop(self) -> None:
         """Sample queue depths (backlog rule) and prune outcomes older than the window."""

@@ -132,6 +132,15 @@ class Metrics:
         self.conflicts = Counter(
             "blast_supervisor_conflicts", "440 conflicts (another socket replaced this one).",
             i, registry=r)
+        self.webhooks = Counter(
+            "blast_supervisor_webhook_deliveries", "Outcome webhook delivery attempts by "
+            "endpoint and result: delivered (2xx), retried (to be tried again), failed (the "
+            "retry schedule is over), gone (410: the endpoint is disabled).",
+            ["endpoint", "result"], registry=r)
+        self.webhook_seconds = Histogram(
+            "blast_supervisor_webhook_delivery_seconds", "Time a webhook receiver took to "
+            "answer.", ["endpoint"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r)
         self.ready_to_drain = Histogram(
             "blast_supervisor_ready_to_drain_seconds", "Time from an instance turning ready "
             "with messages held to its queue being empty.", i,

@@ -212,3 +212,17 @@ class OutcomeRow:
     dead: int  # gave up
     attempts: int  # real sends these messages needed
     since: float | None = None  # first outcome counted (totals only)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRow:
+    """A webhook waiting in the outbox."""
+
+    seq: int
+    id: str  # the ``webhook-id``: the same on every attempt
+    endpoint: str
+    event: str
+    subject: str  # the message id, or the instance id of a session event
+    payload: str  # the JSON body, as signed
+    attempts: int
+    created_at: float

@@ -52,7 +52,7 @@ def exported(text: str) -> dict[str, set[str]]:
 def test_the_dashboard_has_one_row_per_concern() -> None:
     doc = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     rows = [p["title"] for p in doc["panels"] if p["type"] == "row"]
-    assert rows == ["Sends", "Sessions", "Journal", "api-blast process"]
+    assert rows == ["Sends", "Sessions", "Journal", "api-blast process", "Webhooks"]
     ids = [p["id"] for p in doc["panels"]]
     assert len(ids) == len(set(ids))
     assert all(q for _, q in queries())

@@ -19,9 +19,12 @@ import json
 import logging
 import sqlite3
 import sys
+import time
+import uuid
 from array import array
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Self
 
 from ..rows import (
     STATE_ORDER,
@@ -38,6 +41,7 @@ from ..rows import (
     SessionRecord,
     StoredKey,
     TailPosition,
+    WebhookRow,
     ascending,
 )
 from .errors import JournalError, KeyInUse
@@ -79,7 +83,23 @@ def _save_position(conn: sqlite3.Connection, source: str, pos: TailPosition,
 
 class Journal(Store):
     """The journal's queries over :class:`Store`'s writer thread (see the package's
-    docstring); :meth:`Store.open` opens one."""
+    docstring); :meth:`Store.open` opens one.
+
+    :attr:`webhooks` says which webhook endpoints want an event of an instance; the rows
+    for them are written in the transaction of the change they report."""
+
+    webhooks: WebhookTargets = staticmethod(lambda _event, _instance: ())
+
+    @classmethod
+    async def open(cls, state_dir: str | Path,
+                   on_commit: Callable[[float, int], None] | None = None, *,
+                   tolerate_faults: bool = False,
+                   webhooks: WebhookTargets | None = None) -> Self:
+        """:meth:`Store.open`, with the webhook endpoints' subscriptions."""
+        journal = await super().open(state_dir, on_commit, tolerate_faults=tolerate_faults)
+        if webhooks is not None:
+            journal.webhooks = webhooks
+        return journal
 
     # ------------------------------------------------------------------ operations
 
@@ -165,6 +185,7 @@ class Journal(Store):
                  "note": p.note, "kept": HISTORY_KEPT, "id": message_id})
             if p.state in (MessageState.DELIVERED, MessageState.DEAD):
                 _count_outcome(c, message_id, p.state, p.attempts, now)
+                self._message_webhook(c, message_id, f"message.{p.state.value}", now)
 
         await self.call(op)
 
@@ -318,6 +339,15 @@ class Journal(Store):
         def op(conn: sqlite3.Connection) -> None:
             if pos is not None:
                 _save_position(conn, source, pos, now)
+            for s in sessions:
+                if s.state in WEBHOOK_SESSION_STATES and self.webhooks("session.changed",
+                                                                       s.instance_id):
+                    r = conn.execute("SELECT state FROM sessions WHERE instance_id = ?",
+                                     (s.instance_id,)).fetchone()
+                    if r is None or r[0] != s.state:
+                        self._webhook(conn, "session.changed", s.instance_id, s.instance_id,
+                                      {"instance_id": s.instance_id, "state": s.state,
+                                       "code": s.code, "event": s.last_event}, now)
             conn.executemany(
                 "INSERT INTO sessions (instance_id, state, code, changed_at, hold_until, "
                 "ready_pending, guessed, probe_at, probe_failures, dropped_at, last_event, "
@@ -376,10 +406,15 @@ class Journal(Store):
 
     async def cancel(self, message_id: str, now: float) -> AdminChange:
         """A ``queued`` or ``unknown`` message becomes ``cancelled``."""
-        return await self.call(lambda c: self._change(
-            c, message_id, (MessageState.QUEUED, MessageState.UNKNOWN),
-            "UPDATE messages SET state = 'cancelled', updated_at = ?, "
-            "last_error = 'cancelled by an admin call' WHERE id = ?", (now, message_id)))
+        def op(c: sqlite3.Connection) -> AdminChange:
+            change = self._change(
+                c, message_id, (MessageState.QUEUED, MessageState.UNKNOWN),
+                "UPDATE messages SET state = 'cancelled', updated_at = ?, "
+                "last_error = 'cancelled by an admin call' WHERE id = ?", (now, message_id))
+            if change.row is not None:
+                self._message_webhook(c, message_id, "message.cancelled", now)
+            return change
+        return await self.call(op)
 
     @staticmethod
     def _change(conn: sqlite3.Connection, message_id: str, allowed: tuple[MessageState, ...],
@@ -424,6 +459,91 @@ class Journal(Store):
         """The instances paused by an admin call."""
         return await self.call(lambda c: {
             r[0] for r in c.execute("SELECT instance_id FROM paused_instances")})
+
+    # ------------------------------------------------------------------ webhooks
+
+    def _message_webhook(self, conn: sqlite3.Connection, message_id: str, event: str,
+                         now: float) -> None:
+        """(in the writer's transaction) The webhook rows reporting a message's new state."""
+        r = conn.execute(
+            "SELECT m.instance_id, m.state, m.attempts, m.message_key_id, m.last_error, "
+            "(SELECT k.key FROM idempotency_keys k WHERE k.message_id = m.id LIMIT 1) "
+            "FROM messages m WHERE m.id = ?", (message_id,)).fetchone()
+        if r is None or not self.webhooks(event, r[0]):
+            return
+        instance_id, state, attempts, key_id, error, idem = r
+        self._webhook(conn, event, instance_id, message_id, {
+            "message_id": message_id, "instance_id": instance_id, "state": state,
+            "attempts": attempts, "message_key_id": key_id,
+            "reason": error if state != "delivered" else None, "idempotency_key": idem}, now)
+
+    def _webhook(self, conn: sqlite3.Connection, event: str, instance_id: str | None,
+                 subject: str, data: dict[str, Any], now: float) -> None:
+        body = json.dumps({"type": event, "timestamp": _iso8601(now), "data": data},
+                          separators=(",", ":"))
+        for endpoint in self.webhooks(event, instance_id):
+            conn.execute(
+                "INSERT INTO webhook_outbox (id, endpoint, event, subject, instance_id, "
+                "payload, created_at, next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (f"msg_{uuid.uuid4().hex}", endpoint, event, subject, instance_id, body, now,
+                 now))
+
+    async def due_webhooks(self, now: float, limit: int = 100) -> list[WebhookRow]:
+        """Pending webhooks whose time has come, at most one per (endpoint, subject): the
+        oldest, so that the events of one message (or one session) arrive in order."""
+        def op(conn: sqlite3.Connection) -> list[WebhookRow]:
+            rows = conn.execute(
+                "SELECT o.seq, o.id, o.endpoint, o.event, o.subject, o.payload, o.attempts, "
+                "o.created_at FROM webhook_outbox o WHERE o.state = 'pending' AND o.next_at <= ? "
+                "AND o.seq = (SELECT MIN(p.seq) FROM webhook_outbox p WHERE p.state = 'pending' "
+                "AND p.endpoint = o.endpoint AND p.subject = o.subject) ORDER BY o.seq LIMIT ?",
+                (now, limit)).fetchall()
+            return [WebhookRow(*r) for r in rows]
+        return await self.read(op)
+
+    async def next_webhook_at(self) -> float | None:
+        """When the earliest pending webhook is due (None: none pending)."""
+        def op(conn: sqlite3.Connection) -> float | None:
+            r = conn.execute("SELECT MIN(next_at) FROM webhook_outbox "
+                             "WHERE state = 'pending'").fetchone()
+            return None if r is None or r[0] is None else float(r[0])
+        return await self.read(op)
+
+    async def webhook_done(self, seq: int, now: float, *, delivered: bool,
+                           next_at: float | None, error: str | None) -> None:
+        """One delivery attempt: delivered, to be tried again at ``next_at``, or failed."""
+        state = "delivered" if delivered else ("pending" if next_at is not None else "failed")
+        await self.call(lambda c: c.execute(
+            "UPDATE webhook_outbox SET attempts = attempts + 1, state = ?, next_at = ?, "
+            "last_error = ?, delivered_at = ? WHERE seq = ?",
+            (state, next_at if next_at is not None else now, error,
+             now if delivered else None, seq)))
+
+    async def fail_endpoint(self, endpoint: str, why: str) -> int:
+        """Every pending webhook of ``endpoint`` becomes failed (it answered 410 Gone)."""
+        return int(await self.call(lambda c: c.execute(
+            "UPDATE webhook_outbox SET state = 'failed', last_error = ? "
+            "WHERE endpoint = ? AND state = 'pending'", (why, endpoint)).rowcount))
+
+    async def list_webhooks(self, state: str, limit: int = 500) -> list[dict[str, Any]]:
+        def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT id, endpoint, event, subject, attempts, created_at, last_error "
+                "FROM webhook_outbox WHERE state = ? ORDER BY seq LIMIT ?",
+                (state, limit)).fetchall()
+            keys = ("webhook_id", "endpoint", "event", "subject", "attempts", "created_at",
+                    "last_error")
+            return [dict(zip(keys, r, strict=True)) for r in rows]
+        return await self.read(op)
+
+    async def replay_webhooks(self, now: float, webhook_id: str | None = None) -> int:
+        """Failed webhooks (one, or all) pending again, due now."""
+        def op(conn: sqlite3.Connection) -> int:
+            where, args = ("AND id = ?", (webhook_id,)) if webhook_id else ("", ())
+            return int(conn.execute(
+                f"UPDATE webhook_outbox SET state = 'pending', next_at = ?, attempts = 0 "
+                f"WHERE state = 'failed' {where}", (now, *args)).rowcount)
+        return await self.call(op)
 
     # ------------------------------------------------------------------ pacing
 
@@ -589,3 +709,12 @@ def _add_outcome(conn: sqlite3.Connection, instance_id: str, state: str, attempt
             "UPDATE outcome_minutes SET delivered = delivered + ?, "
             "first_attempt = first_attempt + ?, dead = dead + ?, attempts = attempts + ? "
             "WHERE instance_id = ? AND minute = ?", (*values, instance_id, minute))
+
+
+# (event, instance id) -> the names of the endpoints that want it
+WebhookTargets = Callable[[str, "str | None"], Sequence[str]]
+WEBHOOK_SESSION_STATES = frozenset({"ready", "conflict", "logged_out", "needs_qr", "stalled"})
+
+
+def _iso8601(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"

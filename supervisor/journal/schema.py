@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 2000  # how long a write waits for a lock held by another process
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is truncated to this after a checkpoint
 
-_SCHEMA_VERSION = 7
+_SCHEMA_VERSION = 8
 
 _MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
@@ -170,6 +170,27 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
             instance_id TEXT PRIMARY KEY,
             at REAL NOT NULL
         )""",
+    ),
+    8: (
+        # Outcome webhooks (webhooks.py): each row is written in the transaction of the change
+        # it reports, so a change is never without its webhook; delivered after the commit.
+        """CREATE TABLE webhook_outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            endpoint TEXT NOT NULL,
+            event TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            instance_id TEXT,
+            payload TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            last_error TEXT,
+            delivered_at REAL
+        )""",
+        "CREATE INDEX webhook_pending ON webhook_outbox (endpoint, subject, seq) "
+        "WHERE state = 'pending'",
     ),
 }
 
