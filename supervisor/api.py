@@ -7,6 +7,7 @@ Nothing here shows an access token or a message body.
 from __future__ import annotations
 
 import datetime
+import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -50,6 +51,10 @@ def lane_depths(lane: Lane | None) -> dict[str, int]:
             "sending": 1 if lane.in_flight else 0}
 
 
+# window -> (seconds shown, seconds per bucket)
+TIMELINE_WINDOWS = {"1h": (3600.0, 60.0), "24h": (86_400.0, 900.0)}
+
+
 class Api:
     """Handlers of ``/supervisor/*`` and ``/queue-status/{instance_id}``."""
 
@@ -86,6 +91,7 @@ class Api:
         app.router.add_get("/supervisor/messages", self.messages)
         app.router.add_get("/supervisor/messages/{message_id}", self.message)
         app.router.add_get("/supervisor/events", self.events)
+        app.router.add_get("/supervisor/timeline", self.timeline)
         app.router.add_get("/supervisor/metrics", self.metrics_page)
         app.router.add_get("/queue-status/{instance_id}", self.queue_status)
         Dashboard().add_routes(app)
@@ -250,6 +256,27 @@ class Api:
             if len(out) >= limit:
                 break
         return web.json_response({"events": out})
+
+    async def timeline(self, request: web.Request) -> web.Response:
+        """``GET /supervisor/timeline?window=1h|24h``: per instance and overall, deliveries and
+        dead messages per bucket (1 min over an hour, 15 min over a day), the queue depth at
+        the end of each bucket, and the session events for the state band."""
+        window = request.query.get("window", "1h")
+        if window not in TIMELINE_WINDOWS:
+            return json_error(400, f"window must be one of {', '.join(TIMELINE_WINDOWS)}, "
+                                   f"got {window!r}")
+        span, step = TIMELINE_WINDOWS[window]
+        end = self.clock.time()
+        try:
+            per = await self.journal.timeline(end - span, end, step)
+        except JournalError as exc:
+            return json_error(503, f"the journal could not be read: {exc.cause}",
+                              headers={"Retry-After": "5"})
+        n = max(1, math.ceil(span / step))
+        overall = {k: [sum(v[k][b] for v in per.values()) for b in range(n)]
+                   for k in ("delivered", "dead", "depth")}
+        return web.json_response({"window": window, "from": end - span, "to": end,
+                                  "step_s": step, "overall": overall, "instances": per})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         """The Prometheus text format."""

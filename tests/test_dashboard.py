@@ -182,6 +182,29 @@ async def test_dashboard_shows_a_conflict_and_the_recovery(tmp_path: Path,
         # A message sent now is counted on the page too.
         mid = s.send_ok("after the drop")
         assert s.wait_final([mid]) == ["delivered"]
+
+        # The timeline: the deliveries of the last hour as bars, the 440 on the state band
+        # and as a mark, the same figures as /supervisor/timeline (read from the SVG itself).
+        tl = http("GET", f"{s.base}/supervisor/timeline?window=1h")[2]
+        delivered = sum(tl["instances"][INSTANCE]["delivered"])
+        assert delivered >= done + 1
+        chart = f"document.querySelector('[data-timeline=\"{INSTANCE}\"] svg')"
+        await page.wait_for(
+            f"[...{chart}.querySelectorAll('[data-series=delivered]')]"
+            ".reduce((n, e) => n + Number(e.dataset.v), 0)",
+            lambda v: v == delivered, "the deliveries drawn")
+        states = await page.js(f"[...{chart}.querySelectorAll('rect[data-state]')]"
+                               ".map(e => e.dataset.state)")
+        assert "conflict" in states and states[-1] == "ready", states
+        assert await page.js(f"{chart}.querySelector('[data-mark=conflict]').dataset.code") \
+            == "440"
+        overall = "document.querySelector('[data-timeline=\"all instances\"] svg')"
+        assert await page.js(f"[...{overall}.querySelectorAll('[data-series=delivered]')]"
+                             ".reduce((n, e) => n + Number(e.dataset.v), 0)") == sum(
+            tl["overall"]["delivered"])
+        await page.js("document.querySelector('[data-window=\"24h\"]').click()")
+        await page.wait_for("document.getElementById('timeline').dataset.window",
+                            lambda v: v == "24h", "the 24 h view")
         await page.wait_for(card(INSTANCE, "success_rate"),
                             lambda v: v is not None
                             and v.startswith(f"100.0 %  {done + 1}/{done + 1}"),

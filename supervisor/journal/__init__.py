@@ -17,6 +17,7 @@ import bisect
 import dataclasses
 import json
 import logging
+import math
 import sqlite3
 import sys
 import time
@@ -459,6 +460,54 @@ class Journal(Store):
         """The instances paused by an admin call."""
         return await self.call(lambda c: {
             r[0] for r in c.execute("SELECT instance_id FROM paused_instances")})
+
+    # ------------------------------------------------------------------ timeline
+
+    async def timeline(self, start: float, end: float, step: float) -> dict[str, Any]:
+        """What the dashboard draws, per instance, in buckets of ``step`` seconds from
+        ``start`` to ``end``: deliveries and dead messages (from the per-minute outcome
+        counts), the queue depth at the end of each bucket (messages created by then and not
+        finished by then), and the session events (for the state band and its marks)."""
+        n = max(1, math.ceil((end - start) / step))
+
+        def op(conn: sqlite3.Connection) -> dict[str, Any]:
+            out: dict[str, dict[str, Any]] = {}
+
+            def inst(i: str) -> dict[str, Any]:
+                if i not in out:
+                    out[i] = {"delivered": [0] * n, "dead": [0] * n, "depth": [0] * n,
+                              "events": []}
+                return out[i]
+
+            for i, minute, delivered, dead in conn.execute(
+                    "SELECT instance_id, minute, delivered, dead FROM outcome_minutes "
+                    "WHERE minute >= ? AND minute < ?", (_minute(start), _minute(end) + 1)):
+                b = min(n - 1, max(0, int((minute * 60 - start) // step)))
+                row = inst(i)
+                row["delivered"][b] += delivered
+                row["dead"][b] += dead
+            for i, created, finished in conn.execute(
+                    "SELECT instance_id, created_at, CASE WHEN state IN ('queued', 'sending', "
+                    "'unknown') THEN NULL ELSE COALESCE(delivered_at, updated_at) END "
+                    "FROM messages WHERE created_at < ? AND (state IN ('queued', 'sending', "
+                    "'unknown') OR COALESCE(delivered_at, updated_at) >= ?)", (end, start)):
+                depth = inst(i)["depth"]
+                for b in range(n):
+                    at = min(end, start + (b + 1) * step)
+                    if created <= at and (finished is None or finished > at):
+                        depth[b] += 1
+            for i, event in conn.execute(
+                    "SELECT instance_id, event FROM session_events WHERE seq IN (SELECT "
+                    "MAX(seq) FROM session_events WHERE t < ? AND instance_id IS NOT NULL "
+                    "GROUP BY instance_id)", (start,)):
+                inst(i)["state_before"] = event
+            for t, i, event, code in conn.execute(
+                    "SELECT t, instance_id, event, code FROM session_events "
+                    "WHERE t >= ? AND t < ? AND instance_id IS NOT NULL ORDER BY seq",
+                    (start, end)):
+                inst(i)["events"].append({"t": t, "event": event, "code": code})
+            return out
+        return await self.read(op)
 
     # ------------------------------------------------------------------ webhooks
 
