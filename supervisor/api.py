@@ -92,6 +92,7 @@ class Api:
         app.router.add_get("/supervisor/messages/{message_id}", self.message)
         app.router.add_get("/supervisor/events", self.events)
         app.router.add_get("/supervisor/timeline", self.timeline)
+        app.router.add_get("/supervisor/webhooks/summary", self.webhook_summary)
         app.router.add_get("/supervisor/metrics", self.metrics_page)
         app.router.add_get("/queue-status/{instance_id}", self.queue_status)
         Dashboard().add_routes(app)
@@ -277,6 +278,18 @@ class Api:
                    for k in ("delivered", "dead", "depth")}
         return web.json_response({"window": window, "from": end - span, "to": end,
                                   "step_s": step, "overall": overall, "instances": per})
+
+    async def webhook_summary(self, request: web.Request) -> web.Response:
+        """``GET /supervisor/webhooks/summary``: per configured endpoint, how many webhooks
+        are pending, delivered and failed (counts only: no payload, no URL, no secret)."""
+        try:
+            counts = await self.journal.webhook_counts()
+        except JournalError as exc:
+            return json_error(503, f"the journal could not be read: {exc.cause}",
+                              headers={"Retry-After": "5"})
+        zero = {"pending": 0, "delivered": 0, "failed": 0}
+        return web.json_response({"endpoints": [
+            {"name": e.name, **counts.get(e.name, zero)} for e in self.cfg.webhooks.endpoints]})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         """The Prometheus text format."""

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -18,19 +17,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from support.browser import CHROMIUM_FLAGS, chromium
 from support.monitoring import ADMIN, INSTANCE2, Stack, start_stack
 from support.stack import INSTANCE, Child, http
-
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-                  "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0")
-
-
-def chromium() -> str:
-    path = shutil.which("chromium")
-    assert path, "chromium is missing: scripts/test.sh installs it (Debian package chromium)"
-    return path
 
 
 class Page:

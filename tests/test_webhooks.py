@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from standardwebhooks.webhooks import Webhook
+from support.browser import dump_dom
 from support.stack import (
     INSTANCE,
     TOKEN,
@@ -113,7 +114,7 @@ def send(s: RunningStack, caption: str, key: str | None = None,
 
 
 def test_delivered_dead_and_session_events_arrive_once_and_signed(
-        receiver: Receiver, stack: Callable[..., RunningStack]) -> None:
+        tmp_path: Path, receiver: Receiver, stack: Callable[..., RunningStack]) -> None:
     s = stack(webhooks=hooks(receiver), queue={"max_retries": 1, "retry_delay_s": 0.1},
               session={"drop_window_s": 0.2, "conflict_delay_s": 0.2})
     ok = send(s, "hello", key="order-17")
@@ -134,6 +135,12 @@ def test_delivered_dead_and_session_events_arrive_once_and_signed(
     ids = [r["id"] for r in receiver.received]
     assert len(ids) == len(set(ids)), "each event once"
     assert receiver.bad_signatures == 0
+    # The counts per endpoint, as the API and the dashboard show them.
+    summary = http("GET", f"{s.base}/supervisor/webhooks/summary")[2]
+    assert summary == {"endpoints": [{"name": "crm", "delivered": len(ids), "pending": 0,
+                                      "failed": 0}]}
+    dom = dump_dom(f"{s.base}/supervisor/", tmp_path / "profile")
+    assert f'<td data-field="delivered">{len(ids)}</td>' in dom
 
 
 def test_a_receiver_down_for_a_while_gets_everything_in_order(

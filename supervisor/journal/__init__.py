@@ -568,6 +568,17 @@ class Journal(Store):
             (state, next_at if next_at is not None else now, error,
              now if delivered else None, seq)))
 
+    async def webhook_counts(self) -> dict[str, dict[str, int]]:
+        """Per endpoint: how many webhooks are pending, delivered and failed."""
+        def op(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {}
+            for endpoint, state, n in conn.execute(
+                    "SELECT endpoint, state, COUNT(*) FROM webhook_outbox "
+                    "GROUP BY endpoint, state"):
+                out.setdefault(endpoint, {"pending": 0, "delivered": 0, "failed": 0})[state] = n
+            return out
+        return await self.read(op)
+
     async def fail_endpoint(self, endpoint: str, why: str) -> int:
         """Every pending webhook of ``endpoint`` becomes failed (it answered 410 Gone)."""
         return int(await self.call(lambda c: c.execute(
