@@ -110,6 +110,7 @@ class Supervisor:
         self.crashed: str | None = None  # what failed, when a component loop died
         self._background: set[asyncio.Task[None]] = set()
         self.webhook_plan = WebhookPlan(cfg.webhooks)
+        self._stalled: set[str] = set()  # instances whose stalled webhook was written
         self.deliverer: Deliverer | None = None
         self._quiesced = False  # quiesce() ran (it runs once)
 
@@ -595,8 +596,31 @@ class Supervisor:
                     await api.stats.prune(mon.window_s)
                 except JournalError as exc:
                     log.warning("could not prune old outcomes: %s", exc.cause)
+            await self._note_stalled(now)
             if await self.clock.wait(self._stop, min(10.0, mon.backlog_window_s / 10)):
                 return
+
+    async def _note_stalled(self, now: float) -> None:
+        """An instance turning stalled (not ready connection_timeout_s after a drop) changes
+        no stored state: its ``session.changed`` webhook is written here."""
+        assert self.journal is not None
+        timeout = self.cfg.session.connection_timeout_s
+        for instance_id in self.sessions.known():
+            s = self.sessions.get(instance_id)
+            stalled = s.view_state(now, timeout) is SessionState.STALLED
+            if stalled and instance_id not in self._stalled:
+                try:
+                    await self.journal.session_webhook(instance_id, "stalled", s.code,
+                                                       self.clock.time())
+                except JournalError as exc:
+                    log.warning("session.changed webhook of %s not stored (journal: %s)",
+                                instance_id, exc.cause)
+                    continue
+                self._stalled.add(instance_id)
+                if self.deliverer is not None:
+                    self.deliverer.wake()
+            elif not stalled:
+                self._stalled.discard(instance_id)
 
     # ------------------------------------------------------------------ log input
 

@@ -143,6 +143,22 @@ def test_delivered_dead_and_session_events_arrive_once_and_signed(
     assert f'<td data-field="delivered">{len(ids)}</td>' in dom
 
 
+def test_an_instance_turning_stalled_is_reported(
+        receiver: Receiver, stack: Callable[..., RunningStack]) -> None:
+    """Stalled is no stored state (not ready connection_timeout_s after a drop): the
+    monitoring loop writes its webhook, once, then ready comes as usual."""
+    s = stack(webhooks=hooks(receiver, events=["session.changed"]),
+              session={"connection_timeout_s": 1.0}, monitoring={"backlog_window_s": 2.0})
+    http("POST", f"http://127.0.0.1:{s.sim_port}/_sim/drop?instance_id={INSTANCE}&code=428"
+                 f"&reconnect_ms=3000", b"")
+    wait_until(lambda: [e["data"]["state"] for e in receiver.events("session.changed")]
+               [-1:] == ["ready"] and "stalled" in [e["data"]["state"] for e in
+                                                    receiver.events("session.changed")],
+               20, "stalled, then ready")
+    states = [e["data"]["state"] for e in receiver.events("session.changed")]
+    assert states.count("stalled") == 1, states
+
+
 def test_a_receiver_down_for_a_while_gets_everything_in_order(
         receiver: Receiver, stack: Callable[..., RunningStack]) -> None:
     receiver.statuses = [503] * 6

@@ -537,6 +537,16 @@ class Journal(Store):
                 (f"msg_{uuid.uuid4().hex}", endpoint, event, subject, instance_id, body, now,
                  now))
 
+    async def session_webhook(self, instance_id: str, state: str, code: int | None,
+                              now: float) -> None:
+        """A ``session.changed`` webhook for a state no stored row records (stalled)."""
+        def op(conn: sqlite3.Connection) -> None:
+            if self.webhooks("session.changed", instance_id):
+                self._webhook(conn, "session.changed", instance_id, instance_id,
+                              {"instance_id": instance_id, "state": state, "code": code,
+                               "event": None}, now)
+        await self.call(op)
+
     async def due_webhooks(self, now: float, limit: int = 100) -> list[WebhookRow]:
         """Pending webhooks whose time has come, at most one per (endpoint, subject): the
         oldest, so that the events of one message (or one session) arrive in order."""
