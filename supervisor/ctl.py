@@ -423,19 +423,28 @@ def run_queue_action(client: Client, action: str, message_ids: Sequence[str], ou
     return 0 if not failed else 1
 
 
+def _admin_call(client: Client, method: str, path: str, what: str, out: TextIO
+                ) -> tuple[int | None, Any]:
+    """An admin call: ``(None, answer)``, or ``(exit code, None)`` after saying why not."""
+    try:
+        status, _, doc = client.call(method, path, admin=True)
+    except DaemonError as exc:
+        print(f"{what}: {exc}", file=out)
+        return EXIT_UNKNOWN, None
+    if not 200 <= status < 300:
+        print(f"{what}: HTTP {status}: {_message(doc)}", file=out)
+        return 1, None
+    return None, doc
+
+
 def run_requeue_dead(client: Client, instance_id: str | None, out: TextIO) -> int:
     """``queue requeue --dead [--instance ID]``: every dead message back to the queue."""
     path = "/supervisor/dead/requeue"
     if instance_id:
         path += "?" + urllib.parse.urlencode({"instance_id": instance_id})
-    try:
-        status, _, doc = client.call("POST", path, admin=True)
-    except DaemonError as exc:
-        print(f"queue requeue: {exc}", file=out)
-        return EXIT_UNKNOWN
-    if not 200 <= status < 300:
-        print(f"queue requeue: HTTP {status}: {_message(doc)}", file=out)
-        return 1
+    code, doc = _admin_call(client, "POST", path, "queue requeue", out)
+    if code is not None:
+        return code
     n = doc.get("requeued", 0) if isinstance(doc, dict) else 0
     where = f" of {instance_id}" if instance_id else ""
     print(f"requeued {n} dead message(s){where}", file=out)
@@ -445,22 +454,15 @@ def run_requeue_dead(client: Client, instance_id: str | None, out: TextIO) -> in
 def run_webhooks(client: Client, action: str, state: str, webhook_id: str | None,
                  out: TextIO) -> int:
     """``webhooks list [--state S]`` and ``webhooks replay [WEBHOOK_ID]`` (admin token)."""
-    try:
-        if action == "list":
-            status, _, doc = client.call(
-                "GET", "/supervisor/webhooks?" + urllib.parse.urlencode({"state": state}),
-                admin=True)
-        else:
-            path = "/supervisor/webhooks/replay"
-            if webhook_id:
-                path += "?" + urllib.parse.urlencode({"webhook_id": webhook_id})
-            status, _, doc = client.call("POST", path, admin=True)
-    except DaemonError as exc:
-        print(f"webhooks {action}: {exc}", file=out)
-        return EXIT_UNKNOWN
-    if not 200 <= status < 300:
-        print(f"webhooks {action}: HTTP {status}: {_message(doc)}", file=out)
-        return 1
+    if action == "list":
+        method, path = "GET", "/supervisor/webhooks?" + urllib.parse.urlencode({"state": state})
+    else:
+        method, path = "POST", "/supervisor/webhooks/replay"
+        if webhook_id:
+            path += "?" + urllib.parse.urlencode({"webhook_id": webhook_id})
+    code, doc = _admin_call(client, method, path, f"webhooks {action}", out)
+    if code is not None:
+        return code
     if action == "replay":
         print(f"{doc.get('replayed', 0)} failed webhook(s) to be delivered again", file=out)
         return 0
