@@ -110,7 +110,6 @@ class Supervisor:
         self.crashed: str | None = None  # what failed, when a component loop died
         self._background: set[asyncio.Task[None]] = set()
         self.webhook_plan = WebhookPlan(cfg.webhooks)
-        self._stalled: set[str] = set()  # instances whose stalled webhook was written
         self.deliverer: Deliverer | None = None
         self._quiesced = False  # quiesce() ran (it runs once)
 
@@ -158,7 +157,8 @@ class Supervisor:
         replayer.hold_sending()  # until the first pass over the log (run())
         self.session_log = slog = SessionLog(
             cfg.parser, self.sessions, replayer, journal, self.metrics, self.clock,
-            jids=lambda: self.auth.jids if self.auth is not None else {})
+            jids=lambda: self.auth.jids if self.auth is not None else {},
+            on_webhook=self.deliverer.wake)
         await slog.restore()
         self.auth = auth = await self._start_auth(state_dir, slog)
         self._start_service_parts(slog)
@@ -596,31 +596,10 @@ class Supervisor:
                     await api.stats.prune(mon.window_s)
                 except JournalError as exc:
                     log.warning("could not prune old outcomes: %s", exc.cause)
-            await self._note_stalled(now)
+            assert self.session_log is not None
+            await self.session_log.note_stalled(now, self.cfg.session.connection_timeout_s)
             if await self.clock.wait(self._stop, min(10.0, mon.backlog_window_s / 10)):
                 return
-
-    async def _note_stalled(self, now: float) -> None:
-        """An instance turning stalled (not ready connection_timeout_s after a drop) changes
-        no stored state: its ``session.changed`` webhook is written here."""
-        assert self.journal is not None
-        timeout = self.cfg.session.connection_timeout_s
-        for instance_id in self.sessions.known():
-            s = self.sessions.get(instance_id)
-            stalled = s.view_state(now, timeout) is SessionState.STALLED
-            if stalled and instance_id not in self._stalled:
-                try:
-                    await self.journal.session_webhook(instance_id, "stalled", s.code,
-                                                       self.clock.time())
-                except JournalError as exc:
-                    log.warning("session.changed webhook of %s not stored (journal: %s)",
-                                instance_id, exc.cause)
-                    continue
-                self._stalled.add(instance_id)
-                if self.deliverer is not None:
-                    self.deliverer.wake()
-            elif not stalled:
-                self._stalled.discard(instance_id)
 
     # ------------------------------------------------------------------ log input
 

@@ -27,7 +27,7 @@ from .journal import Journal, JournalError
 from .metrics import Metrics
 from .replay import Replayer
 from .rows import EventRecord, TailPosition
-from .sessions import RestartSignal, RestartWitness, Sessions
+from .sessions import RestartSignal, RestartWitness, Sessions, SessionState
 from .sources.intake import Found
 
 if TYPE_CHECKING:
@@ -44,10 +44,13 @@ class SessionLog:
 
     def __init__(self, parser: ParserConfig, sessions: Sessions, replayer: Replayer,
                  journal: Journal, metrics: Metrics, clock: Clock,
-                 jids: Callable[[], Mapping[str, str]]) -> None:
+                 jids: Callable[[], Mapping[str, str]],
+                 on_webhook: Callable[[], None] | None = None) -> None:
         self.parser, self.sessions, self.replayer = parser, sessions, replayer
         self.journal, self.metrics, self.clock = journal, metrics, clock
         self._jids = jids  # instance → phone jid, as the token checker learnt them
+        self._on_webhook = on_webhook  # a webhook row was written outside a send's outcome
+        self._stalled: set[str] = set()  # instances whose stalled webhook was written
         self.attributor = Attributor(parser.attribution, parser.adjacent_records,
                                      parser.adjacent_window_s)
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
@@ -230,3 +233,23 @@ class SessionLog:
         self.apply_event(events.Event(
             events.EventKind.LOGGED_OUT, instance_id, None, events.ATTRIBUTION_ID,
             rule="proxy: api-blast answered GET /logout with success"))
+
+    async def note_stalled(self, now: float, timeout_s: float) -> None:
+        """(monitoring loop) An instance turning stalled — not ready ``timeout_s`` after a
+        drop — changes no stored state: its ``session.changed`` webhook is written here."""
+        for instance_id in self.sessions.known():
+            s = self.sessions.get(instance_id)
+            stalled = s.view_state(now, timeout_s) is SessionState.STALLED
+            if stalled and instance_id not in self._stalled:
+                try:
+                    await self.journal.session_webhook(instance_id, "stalled", s.code,
+                                                       self.clock.time())
+                except JournalError as exc:
+                    log.warning("session.changed webhook of %s not stored (journal: %s)",
+                                instance_id, exc.cause)
+                    continue
+                self._stalled.add(instance_id)
+                if self._on_webhook is not None:
+                    self._on_webhook()
+            elif not stalled:
+                self._stalled.discard(instance_id)
