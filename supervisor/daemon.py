@@ -501,6 +501,8 @@ class Supervisor:
         if self.session_log is not None:
             self.session_log.reconfigure(cfg.parser)
         self.webhook_plan.reconfigure(cfg.webhooks)
+        if self.deliverer is not None:
+            self.deliverer.wake()  # endpoints may have come: it looks at the outbox again
         if self.replayer is not None:
             self.replayer.reconfigure(cfg.queue, cfg.pacing)
         if self.auth is not None:

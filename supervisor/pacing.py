@@ -72,7 +72,10 @@ class Pacer:
         self.rng = rng or random.Random()
         self.tz = zoneinfo.ZoneInfo(cfg.timezone)
         self._rules: dict[str, Rules] = {}
-        self._sent: dict[str, deque[float]] = {}  # wall times of counted sends, last 24 h
+        # Wall times of the counted sends of the last 24 h, for an instance under a cap only
+        # (the cap bounds them); every instance's sends per minute, for the figures.
+        self._sent: dict[str, deque[float]] = {}
+        self._minutes: dict[str, deque[list[int]]] = {}
         self.first_send: dict[str, float] = {}  # wall time of the first send seen
 
     def reconfigure(self, cfg: PacingConfig, default_interval_s: float) -> None:
@@ -97,24 +100,42 @@ class Pacer:
     def restore(self, instance_id: str, sends: Iterable[float], first: float | None,
                 now: float) -> None:
         """Counted sends (wall times) and the first send read back from the journal."""
-        recent = sorted(t for t in sends if t > now - DAY_S)
-        self._sent[instance_id] = deque(recent)
+        self._sent.pop(instance_id, None)
+        self._minutes.pop(instance_id, None)
+        for t in sorted(t for t in sends if t > now - DAY_S):
+            self._count(instance_id, t)
         if first is not None:
             self.first_send[instance_id] = first
 
     def counted(self, instance_id: str, at: float) -> bool:
         """A send that may have reached WhatsApp; True when it is the first one seen for the
         instance (the caller stores that in the journal)."""
-        self._window(instance_id, at).append(at)
+        self._count(instance_id, at)
         if instance_id in self.first_send:
             return False
         self.first_send[instance_id] = at
         return True
 
+    def _count(self, instance_id: str, at: float) -> None:
+        if self.rules(instance_id).daily_cap is not None:
+            self._window(instance_id, at).append(at)
+        minutes = self._minutes.setdefault(instance_id, deque())
+        minute = int(at // 60)
+        if minutes and minutes[-1][0] == minute:
+            minutes[-1][1] += 1
+        else:
+            minutes.append([minute, 1])
+        while minutes and minutes[0][0] <= minute - 1440:
+            minutes.popleft()
+
     def _window(self, instance_id: str, now: float) -> deque[float]:
         sent = self._sent.get(instance_id)
         if sent is None:
-            sent = self._sent[instance_id] = deque()
+            # A cap that came with a reload: the window starts from the minute counts (each
+            # send taken at the end of its minute: it leaves the window no earlier than it did).
+            sent = self._sent[instance_id] = deque(
+                m * 60 + 59.999 for m, count in self._minutes.get(instance_id, ())
+                for _ in range(count))
         while sent and sent[0] <= now - DAY_S:
             sent.popleft()
         return sent
@@ -140,7 +161,11 @@ class Pacer:
         return min(rules.daily_cap, max(1, math.floor(grown)))
 
     def sent_24h(self, instance_id: str, now: float) -> int:
-        return len(self._window(instance_id, now))
+        """Counted sends of the last 24 h (to the minute without a cap)."""
+        if self.rules(instance_id).daily_cap is not None:
+            return len(self._window(instance_id, now))
+        start = int((now - DAY_S) // 60)
+        return sum(count for minute, count in self._minutes.get(instance_id, ()) if minute > start)
 
     def verdict(self, instance_id: str, now: float) -> Verdict:
         """May ``instance_id`` send at wall time ``now`` (gaps aside)?"""

@@ -77,8 +77,9 @@ class Deliverer:
         try:
             while not self._stopping:
                 self._wake.clear()
-                wait = IDLE_LOOK_S
+                wait: float | None = None  # no endpoint: asleep until a reload wakes it
                 if self.plan.endpoints:
+                    wait = IDLE_LOOK_S
                     try:
                         await self._launch()
                         due = await self.journal.next_webhook_at()
@@ -86,8 +87,8 @@ class Deliverer:
                         log.warning("webhook outbox not read (journal: %s)", exc.cause)
                         due = None
                     if due is not None:
-                        wait = min(wait, max(0.0, due - self.clock.time()))
-                await self.clock.wait(self._wake, max(wait, 0.01))
+                        wait = max(0.01, min(IDLE_LOOK_S, due - self.clock.time()))
+                await self.clock.wait(self._wake, wait)
         finally:
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=self.plan.cfg.timeout_s)

@@ -259,3 +259,31 @@ def test_the_metrics_show_sends_against_the_cap_and_the_hold() -> None:
     assert families["blast_supervisor_pacing_sends_24h"] == {A: 2.0, B: 0.0}
     assert families["blast_supervisor_pacing_daily_cap"] == {A: 2.0, B: 10.0}
     assert families["blast_supervisor_pacing_held_until_seconds"] == {A: t0 + DAY_S, B: 0.0}
+
+
+def test_without_a_cap_sends_are_counted_per_minute_only() -> None:
+    """A busy instance without a cap keeps no timestamp per send: a day of 250 sends/s would
+    otherwise hold 21 million of them."""
+    pacer = Pacer(pacing(), 2.0)
+    t0 = at(6, 9)
+    for n in range(60_000):
+        pacer.counted(A, t0 + n * 0.01)  # 100 a second for 10 minutes
+    assert A not in pacer._sent
+    assert len(pacer._minutes[A]) <= 11
+    assert pacer.sent_24h(A, t0 + 600) == 60_000
+    for day in range(3):  # a send a minute for three days: only the last day is kept
+        for m in range(1440):
+            pacer.counted(B, t0 + DAY_S * day + m * 60)
+    assert len(pacer._minutes[B]) <= 1441
+    assert pacer.sent_24h(B, t0 + 3 * DAY_S) == 1439  # the one exactly 24 h old is out
+
+
+def test_a_cap_added_by_a_reload_counts_the_sends_before_it() -> None:
+    pacer = Pacer(pacing(), 2.0)
+    t0 = at(6, 9)
+    for n in range(5):
+        pacer.counted(A, t0 + n)
+    pacer.reconfigure(pacing(daily_cap=3), 2.0)
+    held = pacer.verdict(A, t0 + 60)
+    assert held.until is not None and t0 + DAY_S <= held.until <= t0 + DAY_S + 60
+    assert pacer.sent_24h(A, t0 + 60) == 5

@@ -486,16 +486,26 @@ class Journal(Store):
                 row = inst(i)
                 row["delivered"][b] += delivered
                 row["dead"][b] += dead
+            # Depth at the end of bucket b (``ats[b]``): rows created by then and not finished
+            # by then; each row adds 1 over a range of buckets (a difference array).
+            ats = [min(end, start + (b + 1) * step) for b in range(n)]
+            diffs: dict[str, list[int]] = {}
             for i, created, finished in conn.execute(
                     "SELECT instance_id, created_at, CASE WHEN state IN ('queued', 'sending', "
                     "'unknown') THEN NULL ELSE COALESCE(delivered_at, updated_at) END "
                     "FROM messages WHERE created_at < ? AND (state IN ('queued', 'sending', "
                     "'unknown') OR COALESCE(delivered_at, updated_at) >= ?)", (end, start)):
-                depth = inst(i)["depth"]
+                first = bisect.bisect_left(ats, created)
+                last = n if finished is None else bisect.bisect_left(ats, finished)
+                if first < last:
+                    diff = diffs.setdefault(i, [0] * (n + 1))
+                    diff[first] += 1
+                    diff[last] -= 1
+            for i, diff in diffs.items():
+                depth, running = inst(i)["depth"], 0
                 for b in range(n):
-                    at = min(end, start + (b + 1) * step)
-                    if created <= at and (finished is None or finished > at):
-                        depth[b] += 1
+                    running += diff[b]
+                    depth[b] = running
             for i, event in conn.execute(
                     "SELECT instance_id, event FROM session_events WHERE seq IN (SELECT "
                     "MAX(seq) FROM session_events WHERE t < ? AND instance_id IS NOT NULL "
@@ -672,7 +682,8 @@ class Journal(Store):
     async def prune(self, finished_before: float, dead_before: float | None,
                     keys_before: float) -> tuple[int, int]:
         """Delete finished rows (``delivered``, ``cancelled``; ``dead`` only when
-        ``dead_before`` is given) last changed before the given times, and the
+        ``dead_before`` is given) last changed before the given times, their webhooks
+        likewise (delivered ones; failed ones as dead rows), and the
         ``Idempotency-Key`` rows created before ``keys_before`` or whose message is gone.
         Returns (messages, keys) deleted; each call deletes at most :data:`PRUNE_BATCH` of
         each, so that a transaction stays short: call again while it returns a full batch.
@@ -684,6 +695,13 @@ class Journal(Store):
                 "(state = 'dead' AND updated_at < ?) LIMIT ?)",
                 (finished_before, -1.0 if dead_before is None else dead_before, PRUNE_BATCH))
             messages = cur.rowcount
+            # Webhooks follow their messages: delivered ones go with the finished rows,
+            # failed ones (kept to be replayed) only as dead rows do.
+            conn.execute(
+                "DELETE FROM webhook_outbox WHERE seq IN (SELECT seq FROM webhook_outbox WHERE "
+                "(state = 'delivered' AND delivered_at < ?) OR (state = 'failed' AND "
+                "created_at < ?) LIMIT ?)",
+                (finished_before, -1.0 if dead_before is None else dead_before, PRUNE_BATCH))
             cur = conn.execute(
                 "DELETE FROM idempotency_keys WHERE rowid IN (SELECT k.rowid FROM "
                 "idempotency_keys k LEFT JOIN messages m ON m.id = k.message_id "
