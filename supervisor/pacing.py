@@ -82,6 +82,9 @@ class Pacer:
         self.cfg, self.default_interval_s = cfg, default_interval_s
         self.tz = zoneinfo.ZoneInfo(cfg.timezone)
         self._rules.clear()
+        # A cap may have come, gone or changed: its windows start again from the minute
+        # counts, which every send updates whatever the cap.
+        self._sent.clear()
 
     def rules(self, instance_id: str) -> Rules:
         rules = self._rules.get(instance_id)
@@ -157,7 +160,11 @@ class Pacer:
         else:
             first_day = self._local(now).date()  # its first send would be today
         days = max(0, (self._local(now).date() - first_day).days)
-        grown = warm.start_per_day * warm.factor ** min(days, 400)
+        # Grown past the cap already (a large factor over many days would overflow a float).
+        if warm.factor > 1 and days * math.log(warm.factor) >= math.log(
+                rules.daily_cap / warm.start_per_day):
+            return rules.daily_cap
+        grown = warm.start_per_day * warm.factor ** days
         return min(rules.daily_cap, max(1, math.floor(grown)))
 
     def sent_24h(self, instance_id: str, now: float) -> int:

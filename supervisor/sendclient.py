@@ -137,8 +137,8 @@ class _Conn(asyncio.Protocol):
         self.dead = True
         if self.waiter is None or self.waiter.done():
             return
-        if self._status and self._framing == F_CLOSE:
-            self._complete()
+        if self._status and self._framing == F_CLOSE and exc is None:
+            self._complete()  # a close-delimited answer ends with the connection
         elif self._status or self._buf:
             self._fail("the answer was cut short", cut=True)
         else:

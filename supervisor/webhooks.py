@@ -63,6 +63,7 @@ class Deliverer:
         self._in_flight: dict[str, set[int]] = {}  # endpoint -> seqs being delivered
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
+        self._known: set[str] | None = None  # the endpoints the outbox was last checked for
 
     def wake(self) -> None:
         """New rows may be due (a message finished)."""
@@ -86,7 +87,9 @@ class Deliverer:
                     except JournalError as exc:
                         log.warning("webhook outbox not read (journal: %s)", exc.cause)
                         due = None
-                    if due is not None:
+                    # A row due now is being delivered or waits for a free slot: the end of
+                    # a delivery wakes the loop, so nothing is polled meanwhile.
+                    if due is not None and due > self.clock.time():
                         wait = max(0.01, min(IDLE_LOOK_S, due - self.clock.time()))
                 await self.clock.wait(self._wake, wait)
         finally:
@@ -95,7 +98,18 @@ class Deliverer:
             await self._session.close()
 
     async def _launch(self) -> None:
-        for row in await self.journal.due_webhooks(self.clock.time()):
+        names = set(self.plan.endpoints)
+        if names != self._known:
+            await self.journal.fail_other_endpoints(sorted(names))
+            self._known = names
+        now = self.clock.time()
+        rows: list[WebhookRow] = []
+        for name, conf in self.plan.endpoints.items():  # each endpoint its own share
+            busy = self._in_flight.setdefault(name, set())
+            free = conf.max_in_flight - len(busy)
+            if free > 0:
+                rows += await self.journal.due_webhooks(now, name, free + len(busy))
+        for row in rows:
             busy = self._in_flight.setdefault(row.endpoint, set())
             endpoint = self.plan.endpoints.get(row.endpoint)
             if row.seq in busy or (endpoint is not None and len(busy) >= endpoint.max_in_flight):
@@ -137,9 +151,10 @@ class Deliverer:
                 await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            status, detail = 0, f"no answer from {endpoint.url}: {exc or type(exc).__name__}"
+            # (the endpoint's name, never its URL: a URL may carry a secret in its path)
+            status, detail = 0, f"no answer from {endpoint.name}: {type(exc).__name__}"
         else:
-            detail = f"{endpoint.url} answered HTTP {status}"
+            detail = f"{endpoint.name} answered HTTP {status}"
         self.metrics.webhook_seconds.labels(endpoint=endpoint.name).observe(
             time.perf_counter() - started)
         now = self.clock.time()
@@ -149,7 +164,7 @@ class Deliverer:
             self.metrics.webhooks.labels(endpoint=endpoint.name, result="delivered").inc()
         elif status == 410:
             self.plan.disabled.add(endpoint.name)
-            why = (f"{endpoint.url} answered 410 Gone: the endpoint is disabled until the "
+            why = (f"{endpoint.name} answered 410 Gone: the endpoint is disabled until the "
                    f"supervisor restarts")
             log.warning("webhook endpoint %s: %s", endpoint.name, why)
             await self.journal.webhook_done(row.seq, now, delivered=False, next_at=None,

@@ -404,3 +404,18 @@ def test_an_answer_cut_anywhere_is_never_taken_as_whole(keep: int, chunked: bool
     got, err, conn = feed(answer[:keep], [])
     assert got is None and isinstance(err, _Lost) and err.cut
     assert conn.dead
+
+
+def test_a_close_delimited_answer_cut_by_a_reset_is_not_taken_as_whole() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        conn = _Conn()
+        conn.connection_made(FakeTransport())
+        waiter: asyncio.Future[_Answer] = loop.create_future()
+        conn.start(b"POST / HTTP/1.1\r\n\r\n", False, waiter)
+        conn.data_received(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"status\":")
+        conn.connection_lost(ConnectionResetError())
+        err = waiter.exception()
+        assert isinstance(err, _Lost) and err.cut
+    finally:
+        loop.close()

@@ -53,7 +53,7 @@ async def test_delivered_webhooks_are_pruned_with_their_messages(tmp_path: Path)
                              MessageState.SENDING, 1.0)
         await journal.record("m1", Progress(MessageState.DELIVERED, 1, 0, 0, 0.0, None, "K"),
                              2.0)
-        (row,) = await journal.due_webhooks(10.0)
+        (row,) = await journal.due_webhooks(10.0, "crm", 100)
         await journal.webhook_done(row.seq, 3.0, delivered=True, next_at=None, error=None)
         assert len(await journal.list_webhooks("delivered")) == 1
         await journal.prune(finished_before=2.5, dead_before=None, keys_before=0.0)

@@ -236,7 +236,7 @@ async def test_the_webhook_row_is_written_with_the_change(tmp_path: Path) -> Non
                              MessageState.SENDING, 1.0)
         await journal.record("m1", Progress(MessageState.DELIVERED, 1, 0, 0, 0.0, None,
                                             "3EB0"), 2.0)
-        due = await journal.due_webhooks(10.0)
+        due = await journal.due_webhooks(10.0, "crm", 100)
         assert [(r.event, r.subject) for r in due] == [("message.delivered", "m1")]
         body = json.loads(due[0].payload)
         assert body["type"] == "message.delivered" and body["data"]["message_key_id"] == "3EB0"
@@ -247,7 +247,38 @@ async def test_the_webhook_row_is_written_with_the_change(tmp_path: Path) -> Non
                                 5.0, "conflict", 5.0, ())
         await journal.commit_log("s", None, [session], [], 5.0)
         await journal.commit_log("s", None, [session], [], 6.0)  # the same state again
-        events = sorted(r.event for r in await journal.due_webhooks(10.0))
+        events = sorted(r.event for r in await journal.due_webhooks(10.0, "crm", 100))
         assert events == ["message.delivered", "session.changed"]
+    finally:
+        await journal.close()
+
+
+async def test_a_send_cut_by_a_crash_and_given_up_is_reported_dead(tmp_path: Path) -> None:
+    """queue.on_unknown 'fail': a send in flight when the daemon died is dead at the next
+    start, and its webhook is written with it."""
+    journal = await Journal.open(tmp_path, webhooks=lambda _event, _instance: ["crm"])
+    try:
+        await journal.insert(NewMessage("m1", INSTANCE, "POST", "/send_message", "", (), b"x"),
+                             MessageState.SENDING, 1.0)
+        assert await journal.recover_in_flight(2.0, "fail") == 1
+        (row,) = await journal.due_webhooks(10.0, "crm", 10)
+        body = json.loads(row.payload)
+        assert body["type"] == "message.dead" and body["data"]["message_id"] == "m1"
+        assert "in flight" in body["data"]["reason"]
+    finally:
+        await journal.close()
+
+
+async def test_webhooks_of_a_removed_endpoint_become_failed(tmp_path: Path) -> None:
+    journal = await Journal.open(tmp_path, webhooks=lambda _event, _instance: ["old", "crm"])
+    try:
+        await journal.insert(NewMessage("m1", INSTANCE, "POST", "/send_message", "", (), b"x"),
+                             MessageState.SENDING, 1.0)
+        await journal.record("m1", Progress(MessageState.DELIVERED, 1, 0, 0, 0.0, None, "K"),
+                             2.0)
+        assert await journal.fail_other_endpoints(["crm"]) == 1
+        (gone,) = await journal.list_webhooks("failed")
+        assert gone["endpoint"] == "old" and "no longer" in gone["last_error"]
+        assert len(await journal.due_webhooks(10.0, "crm", 10)) == 1
     finally:
         await journal.close()

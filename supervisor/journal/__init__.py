@@ -216,6 +216,7 @@ class Journal(Store):
                  "queue.on_unknown is 'fail'", now))
             for message_id, attempts in rows:
                 _count_outcome(conn, message_id, MessageState.DEAD, attempts, now)
+                self._message_webhook(conn, message_id, "message.dead", now)
             return len(rows)
         return await self.call(op)
 
@@ -557,16 +558,17 @@ class Journal(Store):
                                "event": None}, now)
         await self.call(op)
 
-    async def due_webhooks(self, now: float, limit: int = 100) -> list[WebhookRow]:
-        """Pending webhooks whose time has come, at most one per (endpoint, subject): the
+    async def due_webhooks(self, now: float, endpoint: str, limit: int) -> list[WebhookRow]:
+        """Pending webhooks of ``endpoint`` whose time has come, at most one per subject: the
         oldest, so that the events of one message (or one session) arrive in order."""
         def op(conn: sqlite3.Connection) -> list[WebhookRow]:
             rows = conn.execute(
                 "SELECT o.seq, o.id, o.endpoint, o.event, o.subject, o.payload, o.attempts, "
-                "o.created_at FROM webhook_outbox o WHERE o.state = 'pending' AND o.next_at <= ? "
-                "AND o.seq = (SELECT MIN(p.seq) FROM webhook_outbox p WHERE p.state = 'pending' "
-                "AND p.endpoint = o.endpoint AND p.subject = o.subject) ORDER BY o.seq LIMIT ?",
-                (now, limit)).fetchall()
+                "o.created_at FROM webhook_outbox o WHERE o.state = 'pending' "
+                "AND o.endpoint = ? AND o.next_at <= ? AND o.seq = (SELECT MIN(p.seq) "
+                "FROM webhook_outbox p WHERE p.state = 'pending' AND p.endpoint = o.endpoint "
+                "AND p.subject = o.subject) ORDER BY o.seq LIMIT ?",
+                (endpoint, now, limit)).fetchall()
             return [WebhookRow(*r) for r in rows]
         return await self.read(op)
 
@@ -598,6 +600,15 @@ class Journal(Store):
                 out.setdefault(endpoint, {"pending": 0, "delivered": 0, "failed": 0})[state] = n
             return out
         return await self.read(op)
+
+    async def fail_other_endpoints(self, endpoints: Sequence[str]) -> int:
+        """Pending webhooks of endpoints no longer configured become failed (replayable once
+        the endpoint is back)."""
+        marks = ", ".join("?" * len(endpoints))
+        return int(await self.call(lambda c: c.execute(
+            f"UPDATE webhook_outbox SET state = 'failed', last_error = 'the endpoint is no "
+            f"longer in webhooks.endpoints' WHERE state = 'pending' "
+            f"AND endpoint NOT IN ({marks})", tuple(endpoints)).rowcount))
 
     async def fail_endpoint(self, endpoint: str, why: str) -> int:
         """Every pending webhook of ``endpoint`` becomes failed (it answered 410 Gone)."""
