@@ -9,12 +9,12 @@ of a send (the query holds the access token).
 from __future__ import annotations
 
 import json
-import time
 from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 
+from .clock import iso
 from .rows import MessageRow, MessageState
 
 JSON = "application/json; charset=utf-8"
@@ -39,13 +39,6 @@ def error_answer(status: int, message: str, close: bool, **extra: str) -> bytes:
     return (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s"
             % (status, HTTPStatus(status).phrase.encode(), JSON.encode(), len(body),
                b"Connection: close\r\n" if close else b"", body))
-
-
-def iso(t: float | None) -> str | None:
-    """A wall-clock time as ISO 8601 UTC with milliseconds (None stays None)."""
-    if t is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 def message_view(row: MessageRow) -> dict[str, Any]:

@@ -14,9 +14,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .answers import iso, json_error, message_view
+from .answers import json_error, message_view
 from .auth import Authenticator
-from .clock import Clock
+from .clock import Clock, iso
 from .config import Config
 from .dashboard import Dashboard
 from .health import (

@@ -44,3 +44,10 @@ class SystemClock:
         except TimeoutError:
             return False
         return True
+
+
+def iso(t: float | None) -> str | None:
+    """A wall-clock time as ISO 8601 UTC with milliseconds (None stays None)."""
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from yarl import URL
 
 # RFC 9110 §7.6.1 connection-specific headers, never forwarded by a proxy.
 HOP_BY_HOP = frozenset({
@@ -48,6 +51,31 @@ _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"content-length"})
 
 # Response framing.
 F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = range(4)
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """A plain ``http://`` upstream as the byte-level clients (the relay, the send client)
+    write to it: where to connect, the ``Host`` line, the path prefix of every target."""
+
+    host: str
+    port: int
+    host_line: bytes  # b"Host: host[:port]" (the port when the URL names one)
+    prefix: bytes  # the URL's path without its trailing slash (b"" for a bare origin)
+
+    @staticmethod
+    def of(url: str) -> Origin | None:
+        """The origin of ``url``, or None when it is not plain http without credentials,
+        query or fragment (aiohttp's client serves those)."""
+        u = URL(url)
+        if u.scheme != "http" or u.user or u.query_string or u.fragment or u.host is None:
+            return None
+        port = u.port or 80
+        authority = f"[{u.host}]" if ":" in u.host else u.host
+        if u.explicit_port:
+            authority += f":{port}"
+        return Origin(u.host, port, b"Host: " + authority.encode("idna"),
+                      u.raw_path.rstrip("/").encode())
 
 
 class Request:

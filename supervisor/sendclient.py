@@ -35,6 +35,7 @@ from .http1 import (
     F_NONE,
     HOP_BY_HOP,
     ChunkedDecoder,
+    Origin,
     parse_response,
 )
 from .outcome import Outcome, OutcomeKind, classify
@@ -227,17 +228,14 @@ class SendClient:
     @staticmethod
     def takes(url: URL) -> bool:
         """Whether this client can serve ``url`` (plain http, no credentials)."""
-        return (url.scheme == "http" and not url.user and not url.query_string
-                and not url.fragment and url.host is not None)
+        return Origin.of(str(url)) is not None
 
     def __init__(self, url: URL, cfg: UpstreamConfig) -> None:
-        self.host = url.host or ""
-        self.port = url.port or 80
-        authority = f"[{self.host}]" if ":" in self.host else self.host
-        if url.explicit_port:
-            authority += f":{self.port}"
-        self._host_line = f"Host: {authority}\r\n"
-        self._prefix = url.raw_path.rstrip("/")
+        origin = Origin.of(str(url))
+        assert origin is not None, "SendClient.takes(url) first"
+        self.host, self.port = origin.host, origin.port
+        self._host_line = origin.host_line.decode("ascii") + "\r\n"
+        self._prefix = origin.prefix.decode("ascii")
         self.connect_timeout_s = cfg.connect_timeout_s
         self.keepalive_s = cfg.keepalive_timeout_s
         self.url = str(url)

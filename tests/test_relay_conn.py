@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import pytest
+from support.fakes import FakeTransport
 
 from supervisor.config import parse_config
 from supervisor.http1 import ChunkedDecoder, Reject
@@ -20,40 +21,6 @@ from supervisor.relay.conn import P_DONE, P_IDLE, ClientConn, UpstreamConn
 from supervisor.sendclient import CLOSED_WITHOUT_ANSWER
 
 UPSTREAM_HOST = b"Host: 127.0.0.1:9"
-
-
-class FakeTransport(asyncio.Transport):
-    """Records what is written, and whether it was closed or paused."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-        self.closed = False
-        self.reading_paused = False
-        self.protocol: Any = None
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        assert not self.closed, "written after close"
-        self.written += bytes(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        self.reading_paused = True
-
-    def resume_reading(self) -> None:
-        self.reading_paused = False
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self.protocol = protocol
-
-    def take(self) -> bytes:
-        out, self.written = bytes(self.written), bytearray()
-        return out
 
 
 class AiohttpSide(asyncio.Protocol):

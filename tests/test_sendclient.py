@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.fakes import FakeTransport
 from yarl import URL
 
 from supervisor import sendclient
@@ -347,22 +348,6 @@ async def test_an_upstream_url_with_credentials_goes_through_aiohttp(
 
 
 # ---------------------------------------------------------------- framing, byte by byte
-
-
-class FakeTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = b""
-        self.closed = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += bytes(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
 
 
 def feed(answer: bytes, cuts: list[int]) -> tuple[_Answer | None, BaseException | None, _Conn]:

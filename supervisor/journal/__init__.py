@@ -20,13 +20,13 @@ import logging
 import math
 import sqlite3
 import sys
-import time
 import uuid
 from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
+from ..clock import iso
 from ..rows import (
     STATE_ORDER,
     ActiveColumns,
@@ -539,7 +539,7 @@ class Journal(Store):
 
     def _webhook(self, conn: sqlite3.Connection, event: str, instance_id: str | None,
                  subject: str, data: dict[str, Any], now: float) -> None:
-        body = json.dumps({"type": event, "timestamp": _iso8601(now), "data": data},
+        body = json.dumps({"type": event, "timestamp": iso(now), "data": data},
                           separators=(",", ":"))
         for endpoint in self.webhooks(event, instance_id):
             conn.execute(
@@ -813,7 +813,3 @@ def _add_outcome(conn: sqlite3.Connection, instance_id: str, state: str, attempt
 # (event, instance id) -> the names of the endpoints that want it
 WebhookTargets = Callable[[str, "str | None"], Sequence[str]]
 WEBHOOK_SESSION_STATES = frozenset({"ready", "conflict", "logged_out", "needs_qr", "stalled"})
-
-
-def _iso8601(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"

@@ -31,10 +31,9 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from yarl import URL
 
 from ..config import Config
-from ..http1 import Reject
+from ..http1 import Origin, Reject
 from ..upstream import no_answer_within, unreachable
 from .conn import P_IDLE, ClientConn, UpstreamConn
 
@@ -87,17 +86,12 @@ class Relay:
         self.server = server
         self.local = local
         self.url = cfg.upstream.url
-        url = URL(cfg.upstream.url)
         # Only a plain http:// upstream is relayed; anything else keeps aiohttp's client.
-        self.enabled = (url.scheme == "http" and not url.user and not url.query_string
-                        and not url.fragment and url.host is not None)
-        self.host = url.host or ""
-        self.port = url.port or 80
-        authority = f"[{self.host}]" if ":" in self.host else self.host
-        if url.explicit_port:
-            authority += f":{self.port}"
-        self.host_line = b"Host: " + authority.encode("idna")
-        self.prefix = url.raw_path.rstrip("/").encode()
+        origin = Origin.of(cfg.upstream.url)
+        self.enabled = origin is not None
+        origin = origin or Origin("", 80, b"Host: ", b"")
+        self.host, self.port = origin.host, origin.port
+        self.host_line, self.prefix = origin.host_line, origin.prefix
         self.connect_timeout_s = cfg.upstream.connect_timeout_s
         self.keepalive_s = cfg.upstream.keepalive_timeout_s
         self.pass_through_timeout_s = cfg.upstream.pass_through_timeout_s

@@ -1,4 +1,5 @@
-"""Test doubles: a clock that tests advance by hand, and a wait for replay lanes to settle on it."""
+"""Test doubles: a clock that tests advance by hand, a wait for replay lanes to settle on it,
+and a transport that records what a protocol writes."""
 
 from __future__ import annotations
 
@@ -71,3 +72,37 @@ async def settle_lanes(replayer: Any, clock: FakeClock, timeout_s: float = 20.0)
             return
         await asyncio.sleep(0.001)
     raise AssertionError("the replay did not settle")
+
+
+class FakeTransport(asyncio.Transport):
+    """Records what is written, and whether it was closed or paused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+        self.reading_paused = False
+        self.protocol: Any = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "written after close"
+        self.written += bytes(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading_paused = True
+
+    def resume_reading(self) -> None:
+        self.reading_paused = False
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def take(self) -> bytes:
+        out, self.written = bytes(self.written), bytearray()
+        return out
